@@ -1,0 +1,66 @@
+"""batchio: asyncio-native dynamic batching.
+
+``await batcher(item)`` for one input; concurrent calls are grouped into batches, run through your
+function together (on a worker thread for a sync function), and each caller gets its own result.
+"""
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
+from ._batcher import AsyncBatchFn as AsyncBatchFn
+from ._batcher import Batcher as Batcher
+from ._batcher import SyncBatchFn as SyncBatchFn
+from ._decorator import BatchedFunction as BatchedFunction
+from ._decorator import BatchedMethod as BatchedMethod
+from ._decorator import batch as batch
+from ._exceptions import BatcherBrokenError as BatcherBrokenError
+from ._exceptions import BatcherClosedError as BatcherClosedError
+from ._exceptions import BatchioError as BatchioError
+from ._exceptions import BatchSizeMismatchError as BatchSizeMismatchError
+from ._exceptions import QueueFullError as QueueFullError
+from ._exceptions import RequestTimeoutError as RequestTimeoutError
+from ._policy import BatchPolicy as BatchPolicy
+from ._policy import Dispatch as Dispatch
+from ._policy import MaxSizeOrWait as MaxSizeOrWait
+from ._policy import QueueState as QueueState
+from ._policy import Wait as Wait
+from ._stats import BatcherStatistics as BatcherStatistics
+from ._stats import Percentiles as Percentiles
+
+try:
+    __version__ = _version("batchio")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = (
+    "AsyncBatchFn",
+    "BatchPolicy",
+    "BatchSizeMismatchError",
+    "BatchedFunction",
+    "BatchedMethod",
+    "Batcher",
+    "BatcherBrokenError",
+    "BatcherClosedError",
+    "BatcherStatistics",
+    "BatchioError",
+    "Dispatch",
+    "MaxSizeOrWait",
+    "Percentiles",
+    "QueueFullError",
+    "QueueState",
+    "RequestTimeoutError",
+    "SyncBatchFn",
+    "Wait",
+    "__version__",
+    "batch",
+)
+
+# Reprs and tracebacks say batchio.Batcher, not batchio._batcher.Batcher.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("batchio._"):
+        try:
+            _obj.__module__ = "batchio"
+        except (AttributeError, TypeError):  # pragma: no cover - aliases that refuse it
+            pass
+del _name, _obj
