@@ -1,0 +1,36 @@
+"""Every async test runs under the default asyncio loop and under uvloop (anyio's pytest plugin).
+
+pytest-asyncio is installed in strict mode, so it never claims these tests; modules mark their
+async tests with ``pytest.mark.anyio``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dev dependency; Windows has none
+    uvloop = None
+
+_BACKENDS: list[Any] = [pytest.param(("asyncio", {}), id="asyncio")]
+if uvloop is not None:
+    _BACKENDS.append(
+        pytest.param(("asyncio", {"loop_factory": uvloop.new_event_loop}), id="uvloop")
+    )
+
+
+@pytest.fixture(params=_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@pytest.fixture
+def no_blocking() -> Iterator[None]:
+    """Fail the test if the event loop thread makes a blocking call (blockbuster)."""
+    blockbuster = pytest.importorskip("blockbuster")
+    with blockbuster.blockbuster_ctx("batchio") as bb:
+        yield bb
