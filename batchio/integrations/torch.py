@@ -1,0 +1,206 @@
+"""PyTorch integration: batch tensor and tokenizer-style inputs for a model behind a Batcher.
+
+::
+
+    from batchio.integrations.torch import BatchedModule
+
+    async with BatchedModule(model, max_batch_size=32, max_batch_tokens=8192) as m:
+        out = await m({"input_ids": ids})      # one row in, that row's output back
+        outs = await m.rows(tokenizer(texts, padding=True, return_tensors="pt"))  # k rows
+
+Collation, the forward pass (under ``torch.inference_mode()``) and splitting all run on the
+batcher's worker thread. Importing this module imports torch; ``import batchio`` does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio.to_thread
+import torch
+
+from .. import Batcher, BatcherStatistics
+from ._collate import (
+    DEFAULT_PAD_VALUES,
+    CollatedBatch,
+    CollationError,
+    Collator,
+    PaddingSide,
+    PreparedRow,
+)
+from ._device import Placement
+from ._forward import BatchForward, Postprocess
+from ._microbatch import padded_cost, plan_micro_batches
+from ._split import split_output, stack_outputs, tree_map
+
+__all__ = [
+    "DEFAULT_PAD_VALUES",
+    "BatchForward",
+    "BatchedModule",
+    "CollatedBatch",
+    "CollationError",
+    "Collator",
+    "PaddingSide",
+    "Placement",
+    "Postprocess",
+    "PreparedRow",
+    "padded_cost",
+    "plan_micro_batches",
+    "split_output",
+    "split_rows",
+    "stack_outputs",
+    "tree_map",
+]
+
+
+def split_rows(batch: Any) -> list[Any]:
+    """Split a batch (a tensor, or a mapping of tensors such as a tokenizer's output) into rows.
+
+    Row ``i`` of a mapping holds row ``i`` of each value. Rows are views, so this is cheap.
+
+    Raises:
+        CollationError: the values do not all have the same number of rows.
+    """
+    if isinstance(batch, Mapping):
+        columns = {key: _as_batch_tensor(v, f"key {key!r}") for key, v in batch.items()}
+        sizes = {key: t.shape[0] for key, t in columns.items()}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{k}={n}" for k, n in sizes.items())
+            raise CollationError(f"the batch's values have different numbers of rows: {listed}")
+        n = next(iter(sizes.values()), 0)
+        return [{key: t[i] for key, t in columns.items()} for i in range(n)]
+    return list(_as_batch_tensor(batch, "the batch").unbind(0))
+
+
+def _as_batch_tensor(value: object, what: str) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.ndim == 0:
+        raise CollationError(f"{what} is 0-d; a batch needs a leading row dimension")
+    return t
+
+
+class BatchedModule:
+    """A PyTorch model behind a :class:`batchio.Batcher`: ``await m(row)`` returns that row's output.
+
+    It owns the batcher: use it as an async context manager. Its batch function is a
+    :class:`BatchForward` (``m.forward``), which you can also call directly with a list of rows.
+
+    Args:
+        model: a ``torch.nn.Module`` or any callable (see :class:`BatchForward`).
+        device: where the model runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` leaves the
+            model and inputs where they are. On CUDA, inputs are pinned and copied asynchronously
+            and the work runs on a stream this worker owns.
+        output_device: where results are returned (default ``"cpu"``); ``None`` keeps them on
+            ``device``.
+        padding_side, pad_values, attention_mask, position_ids: how rows are padded; see
+            :class:`Collator`. Ignored when ``collator`` is given.
+        collator: a ready :class:`Collator`.
+        max_batch_tokens: the padded-token budget of one forward pass (length-sorted
+            micro-batches); ``None`` for one pass per batch.
+        strip_padding: which outputs are per-token, returned without padding (see
+            :class:`BatchForward`).
+        postprocess: applied to each micro-batch's output on the device (see :class:`BatchForward`).
+        max_batch_size, max_wait, max_queue_size, when_full, timeout, name: passed to the
+            :class:`batchio.Batcher`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str | torch.device | None = None,
+        output_device: str | torch.device | None = "cpu",
+        padding_side: PaddingSide = "right",
+        pad_values: Mapping[str, float] | None = None,
+        attention_mask: str | None = "attention_mask",
+        position_ids: str | None = None,
+        collator: Collator | None = None,
+        max_batch_tokens: int | None = None,
+        strip_padding: bool | Collection[str | int] = False,
+        postprocess: Postprocess | None = None,
+        max_batch_size: int = 32,
+        max_wait: float = 0.005,
+        max_queue_size: int | None = None,
+        when_full: Literal["reject", "wait"] = "reject",
+        timeout: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        if collator is None:
+            collator = Collator(
+                padding_side=padding_side,
+                pad_values=dict(pad_values or {}),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+            )
+        self.forward = BatchForward(
+            model,
+            collator=collator,
+            device=device,
+            output_device=output_device,
+            max_batch_tokens=max_batch_tokens,
+            strip_padding=strip_padding,
+            postprocess=postprocess,
+        )
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self.forward,
+            max_batch_size=max_batch_size,
+            max_wait=max_wait,
+            max_queue_size=max_queue_size,
+            when_full=when_full,
+            timeout=timeout,
+            name=name or type(model).__name__,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.batcher.__aexit__(exc_type, exc, tb)
+
+    async def __call__(self, row: Any) -> Any:
+        """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.
+
+        Raises:
+            CollationError: this row cannot be batched with the others (the others still run).
+        """
+        return await self.batcher(row)
+
+    async def map(self, rows: Iterable[Any]) -> list[Any]:
+        """Run several rows as one request; return their outputs in order."""
+        return await self.batcher.map(rows)
+
+    async def rows(self, batch: Any) -> Any:
+        """Run a batch of k rows (a tensor, or a mapping of tensors with k rows each) as one request.
+
+        The k rows count k toward ``max_batch_size`` and may share forward passes with other
+        requests; the result is stacked back into one batch output of k rows. Rows that carry
+        padding (a padded tokenizer output) are trimmed to their attention mask first; per-token
+        outputs whose padding was stripped are re-padded with zeros on ``padding_side``.
+        """
+        rows = split_rows(batch)
+        if not rows:
+            raise CollationError("the batch has no rows")
+        outputs = await self.batcher.map(rows)
+        side = self.forward.collator.padding_side
+        # Stacking copies every row: keep that off the event loop too.
+        return await anyio.to_thread.run_sync(stack_outputs, outputs, side)
+
+    def statistics(self) -> BatcherStatistics:
+        """The batcher's :class:`batchio.BatcherStatistics`."""
+        return self.batcher.statistics()
+
+
+# Tracebacks and reprs name the public module, not the private one each class lives in.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("batchio.integrations._"):
+        _obj.__module__ = __name__
+del _name, _obj

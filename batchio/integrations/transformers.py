@@ -1,0 +1,273 @@
+"""Hugging Face ``transformers`` integration: a batched sentence embedder and a batched pipeline.
+
+::
+
+    from batchio.integrations.transformers import SentenceEmbedder
+
+    async with SentenceEmbedder("path/to/all-MiniLM-L6-v2", max_batch_size=64) as embed:
+        vector = await embed("a sentence")          # a 1-D float32 CPU tensor
+
+Tokenization, the forward pass and pooling run on the batcher's worker thread; the event loop only
+queues strings and hands back tensors. Importing this module imports torch and transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from .. import Batcher, BatcherStatistics
+from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
+
+__all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "mean_pool"]
+
+
+def mean_pool(output: Any, batch: CollatedBatch, *, normalize: bool = True) -> torch.Tensor:
+    """Average each row's token embeddings over its real tokens; optionally L2-normalise.
+
+    ``output`` is a model output with ``last_hidden_state`` (or a tuple whose first item is it);
+    the mask comes from ``batch.data["attention_mask"]``. Returns a ``(rows, hidden)`` tensor.
+    """
+    hidden: torch.Tensor = (
+        output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    )
+    assert isinstance(batch.data, dict)
+    mask = batch.data["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+    return pooled
+
+
+class TextEmbeddingFn:
+    """The sentence embedder's batch function: ``texts -> one embedding (or exception) per text``.
+
+    Synchronous, so it can also be called directly (for a baseline, or from a thread). Arguments
+    are those of :class:`SentenceEmbedder` that shape the computation.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str | torch.device | None = None,
+        normalize: bool = True,
+        max_length: int | None = None,
+        padding_side: PaddingSide = "right",
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+        limit = getattr(tokenizer, "model_max_length", None)
+        # Tokenizers without a real limit report a huge sentinel; fall back to BERT's 512.
+        default = limit if isinstance(limit, int) and limit <= 100_000 else 512
+        self.max_length = max_length if max_length is not None else default
+        # With left padding, models with absolute positions need positions counted over real
+        # tokens only, or every token's position shifts by the padding before it.
+        forward_params = inspect.signature(model.forward).parameters
+        wants_positions = padding_side == "left" and "position_ids" in forward_params
+        self.forward = BatchForward(
+            model,
+            collator=Collator(
+                padding_side=padding_side,
+                pad_values={"input_ids": tokenizer.pad_token_id or 0},
+                position_ids="position_ids" if wants_positions else None,
+            ),
+            device=device,
+            output_device="cpu",
+            max_batch_tokens=max_batch_tokens,
+            postprocess=self._pool,
+        )
+
+    def _pool(self, output: Any, batch: CollatedBatch) -> torch.Tensor:
+        return mean_pool(output, batch, normalize=self.normalize)
+
+    def __call__(self, texts: Sequence[object]) -> list[Any]:
+        """Embed ``texts``; a non-string gets a :class:`CollationError` in its slot."""
+        results: list[Any] = [None] * len(texts)
+        valid = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                results[i] = CollationError(f"expected a str, got {type(t).__name__}")
+        if not valid:
+            return results
+        # One call tokenizes the whole batch (the fast tokenizers parallelise it); no padding here,
+        # the collator pads each micro-batch to its own longest row.
+        encoded = self.tokenizer(
+            [texts[i] for i in valid],
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=True,
+        )
+        keys = list(encoded.keys())
+        rows = [{key: encoded[key][j] for key in keys} for j in range(len(valid))]
+        for i, out in zip(valid, self.forward(rows), strict=True):
+            results[i] = out
+        return results
+
+
+class SentenceEmbedder:
+    """Batched sentence embeddings: ``await embedder(text)`` returns that text's embedding.
+
+    The embedding is a 1-D ``float32`` CPU ``torch.Tensor`` (mean of the token embeddings over
+    real tokens, L2-normalised by default); ``.numpy()`` it if you need an array. Concurrent calls
+    are grouped into batches by a :class:`batchio.Batcher` this object owns: use it as an async
+    context manager. The model and tokenizer load in the constructor (from local files only).
+
+    Args:
+        model: a local model directory, or a loaded ``transformers`` model (e.g. ``AutoModel``).
+        tokenizer: the tokenizer; loaded from ``model`` when it is a path.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` runs where the model is.
+        normalize: L2-normalise each embedding.
+        max_length: truncate texts to this many tokens (default: the tokenizer's limit, or 512).
+        padding_side: ``"right"`` or ``"left"``; the results are the same, up to float rounding.
+        max_batch_tokens: the padded-token budget of one forward pass; a batch is sorted by
+            length and run in micro-batches under it. ``None``: one pass per batch.
+        max_batch_size, max_wait, max_queue_size, when_full, timeout, name: passed to the
+            :class:`batchio.Batcher`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | Any,
+        tokenizer: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        normalize: bool = True,
+        max_length: int | None = None,
+        padding_side: PaddingSide = "right",
+        max_batch_tokens: int | None = None,
+        max_batch_size: int = 32,
+        max_wait: float = 0.005,
+        max_queue_size: int | None = None,
+        when_full: Literal["reject", "wait"] = "reject",
+        timeout: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(model, str | os.PathLike):
+            path = os.fspath(model)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        if tokenizer is None:
+            raise TypeError("pass the tokenizer along with a loaded model")
+        self.embed_batch = TextEmbeddingFn(
+            model,
+            tokenizer,
+            device=device,
+            normalize=normalize,
+            max_length=max_length,
+            padding_side=padding_side,
+            max_batch_tokens=max_batch_tokens,
+        )
+        self.batcher: Batcher[str, torch.Tensor] = Batcher(
+            self.embed_batch,
+            max_batch_size=max_batch_size,
+            max_wait=max_wait,
+            max_queue_size=max_queue_size,
+            when_full=when_full,
+            timeout=timeout,
+            name=name or "SentenceEmbedder",
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.batcher.__aexit__(exc_type, exc, tb)
+
+    async def __call__(self, text: str) -> torch.Tensor:
+        """Return the embedding of ``text``."""
+        return await self.batcher(text)
+
+    async def map(self, texts: Iterable[str]) -> list[torch.Tensor]:
+        """Return the embeddings of ``texts`` (one request of several rows), in order."""
+        return await self.batcher.map(texts)
+
+    def statistics(self) -> BatcherStatistics:
+        """The batcher's :class:`batchio.BatcherStatistics`."""
+        return self.batcher.statistics()
+
+
+class BatchedPipeline:
+    """Batched calls to a ``transformers.pipeline``: ``await classify(text)`` returns its result.
+
+    Each batch is one ``pipe(inputs, batch_size=len(inputs), **call_kwargs)`` call on the
+    batcher's worker thread, so the pipeline pads and runs the batch together. With
+    ``isolate_errors=True`` (the default) a batch that fails is re-run in halves, so a bad input
+    fails only its own request.
+
+    Args:
+        pipe: the pipeline (e.g. ``pipeline("text-classification", model=..., tokenizer=...)``).
+        call_kwargs: keyword arguments for every pipeline call (``top_k=None``, ``truncation=True``).
+        max_batch_size, max_wait, max_queue_size, when_full, timeout, isolate_errors, name:
+            passed to the :class:`batchio.Batcher`.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        max_batch_size: int = 32,
+        max_wait: float = 0.005,
+        max_queue_size: int | None = None,
+        when_full: Literal["reject", "wait"] = "reject",
+        timeout: float | None = None,
+        isolate_errors: bool = True,
+        name: str | None = None,
+        **call_kwargs: Any,
+    ) -> None:
+        self.pipe = pipe
+        self.call_kwargs = call_kwargs
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self.run_batch,
+            max_batch_size=max_batch_size,
+            max_wait=max_wait,
+            max_queue_size=max_queue_size,
+            when_full=when_full,
+            timeout=timeout,
+            isolate_errors=isolate_errors,
+            name=name or f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}",
+        )
+
+    def run_batch(self, inputs: list[Any]) -> list[Any]:
+        """The batch function: one pipeline call over ``inputs``, one result per input."""
+        return list(self.pipe(inputs, batch_size=len(inputs), **self.call_kwargs))
+
+    async def __aenter__(self) -> Self:
+        await self.batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.batcher.__aexit__(exc_type, exc, tb)
+
+    async def __call__(self, item: Any) -> Any:
+        """Return the pipeline's result for one input."""
+        return await self.batcher(item)
+
+    async def map(self, items: Iterable[Any]) -> list[Any]:
+        """Return the pipeline's results for several inputs (one request), in order."""
+        return await self.batcher.map(items)
+
+    def statistics(self) -> BatcherStatistics:
+        """The batcher's :class:`batchio.BatcherStatistics`."""
+        return self.batcher.statistics()
