@@ -37,6 +37,11 @@ class BatchedFunction(Generic[InT, OutT]):
     wants a clean shutdown; otherwise it lives as long as its loop.
     """
 
+    # Copied from the wrapped function by functools.update_wrapper.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
     def __init__(self, fn: Callable[[list[InT]], Any], options: _Options) -> None:
         self._fn = fn
         self._options = options

@@ -72,7 +72,11 @@ class GatedBatchFn(Generic[InT, OutT]):
 
         def wait() -> None:
             with self._entered:
-                if not self._entered.wait_for(lambda: len(self.batches) >= calls, self.gate_timeout):
-                    raise TimeoutError(f"{calls} batches did not enter within {self.gate_timeout} s")
+                if not self._entered.wait_for(
+                    lambda: len(self.batches) >= calls, self.gate_timeout
+                ):
+                    raise TimeoutError(
+                        f"{calls} batches did not enter within {self.gate_timeout} s"
+                    )
 
         await anyio.to_thread.run_sync(wait)

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
+_BACKENDS: list[Any] = [pytest.param(("asyncio", {}), id="asyncio")]
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dev dependency; Windows has none
-    uvloop = None
-
-_BACKENDS: list[Any] = [pytest.param(("asyncio", {}), id="asyncio")]
-if uvloop is not None:
+    pass
+else:
     _BACKENDS.append(
         pytest.param(("asyncio", {"loop_factory": uvloop.new_event_loop}), id="uvloop")
     )

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import anyio
 import pytest
-from anyio.lowlevel import checkpoint
 from anyio import wait_all_tasks_blocked
+from anyio.lowlevel import checkpoint
 
 import batchio
 from batchio import (
@@ -70,7 +70,7 @@ async def test_each_caller_gets_its_own_result() -> None:
 async def test_full_batch_dispatches_without_waiting_for_max_wait() -> None:
     fn = GatedBatchFn(double)
     async with Batcher(fn, max_batch_size=4, max_wait=HOUR) as b:
-        assert await asyncio.gather(*(b(i) for i in range(4))) == [0, 2, 4, 6]
+        assert list(await asyncio.gather(*(b(i) for i in range(4)))) == [0, 2, 4, 6]
     assert fn.batches == [[0, 1, 2, 3]]
 
 
@@ -90,7 +90,7 @@ async def test_partial_batch_waits_for_more_rows_then_fills() -> None:
 async def test_partial_batch_dispatches_after_max_wait() -> None:
     fn = GatedBatchFn(double)
     async with Batcher(fn, max_batch_size=64, max_wait=0.005) as b:
-        assert await asyncio.gather(b(1), b(2)) == [2, 4]
+        assert list(await asyncio.gather(b(1), b(2))) == [2, 4]
     assert fn.batches == [[1, 2]]
 
 
@@ -221,7 +221,7 @@ async def test_exception_in_a_slot_fails_only_that_request() -> None:
     assert outcomes[0] == 1
     assert isinstance(outcomes[1], ValueError)
     assert str(outcomes[1]) == "bad -2"
-    assert outcomes[2:] == [3, 4]
+    assert list(outcomes[2:]) == [3, 4]
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
@@ -312,9 +312,10 @@ async def test_queue_full_wait_mode_waits_for_room_in_order() -> None:
 
 async def test_waiting_for_room_respects_the_deadline() -> None:
     fn = gated()
-    async with Batcher(
-        fn, max_batch_size=1, max_wait=0, max_queue_size=1, when_full="wait"
-    ) as b, anyio.create_task_group() as tg:
+    async with (
+        Batcher(fn, max_batch_size=1, max_wait=0, max_queue_size=1, when_full="wait") as b,
+        anyio.create_task_group() as tg,
+    ):
         results = await submit_all(b, [0, 1], tg)
         await fn.wait_entered(1)
         await wait_all_tasks_blocked()
