@@ -1,0 +1,39 @@
+# The two commands a newcomer needs (see README):
+#   make demo   - the real-model demo (all-MiniLM-L6-v2 shipped by a package, no network)
+#   make test   - lint, type-check and the whole test suite, under asyncio and uvloop
+# Each sets up .venv from nothing the first time (and again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is pinned: an unpinned torch pulls gigabytes of CUDA wheels on a CPU machine.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m batchio demo $(ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check batchio tests bench
+	$(PY) -m ruff format --check batchio tests bench
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+test: lint typecheck
+	$(PY) -m pytest $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) -m bench.suite $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
