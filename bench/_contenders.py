@@ -1,0 +1,347 @@
+"""The contenders: batchio, the raw asyncio floor and the peer libraries, behind one interface.
+
+Each contender turns the same batch function and the same :class:`BatchSpec` into an async
+``call(item) -> result`` inside an async context manager (started on the running loop, torn down
+at exit). ``options(spec)`` returns the exact constructor options used, for the printed tables and
+the JSON results.
+
+How each peer runs a *sync* batch function (what its docs show):
+
+* batchio: its own dedicated worker thread (one, ``max_concurrent_batches=1``).
+* ``batched.aio.dynamically``: ``asyncio.to_thread`` (the loop's default executor).
+* ``batched.dynamically`` + ``.acall``: its own daemon thread; the caller awaits
+  ``asyncio.wrap_future`` of a ``concurrent.futures.Future``.
+* ``async-batcher``: ``run_in_executor(executor, ...)``; we pass a dedicated 1-thread executor, the
+  same as batchio's.
+* ``aiobatch.async_queuing``: ``asyncio.to_thread``; sync batch functions only.
+* Ray Serve ``@serve.batch``: takes only ``async def`` handlers; a sync function is wrapped in
+  ``loop.run_in_executor`` on a dedicated 1-thread executor, the way a Serve user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ._harness import BatchFn, BatchSpec, Call, LoopName, open_floor, open_floor_thread
+
+__all__ = ["CONTENDERS", "Contender", "by_name"]
+
+Opener = Callable[[BatchFn, BatchSpec], contextlib.AbstractAsyncContextManager[Call]]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of batching, as the load generators see it."""
+
+    name: str
+    description: str
+    opener: Opener
+    options: Callable[[BatchSpec], dict[str, Any]]
+    check_import: Callable[[], None]
+    sync_fn: bool = True  # accepts a sync batch function
+    async_fn: bool = True  # accepts an ``async def`` batch function
+    is_floor: bool = False
+
+    def unavailable(self) -> str | None:
+        """``None`` if this contender can run here, else the reason (printed as a skip)."""
+        try:
+            self.check_import()
+        except Exception as exc:  # ImportError, or a peer failing at import time
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def supports(self, fn: BatchFn) -> bool:
+        return self.async_fn if inspect.iscoroutinefunction(fn) else self.sync_fn
+
+    def open(self, fn: BatchFn, spec: BatchSpec) -> contextlib.AbstractAsyncContextManager[Call]:
+        return self.opener(fn, spec)
+
+
+# -- batchio -----------------------------------------------------------------------------------
+
+
+def _batchio_cls() -> Any:
+    import batchio
+
+    cls = getattr(batchio, "Batcher", None)
+    if cls is None:  # the package's __init__ may not re-export it yet
+        from batchio._batcher import Batcher
+
+        cls = Batcher
+    return cls
+
+
+def _import_batchio() -> None:
+    _batchio_cls()
+
+
+@contextlib.asynccontextmanager
+async def _open_batchio(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    batcher = _batchio_cls()(fn, max_batch_size=spec.max_batch_size, max_wait=spec.max_wait)
+    async with batcher:
+        yield batcher
+
+
+def _batchio_options(spec: BatchSpec) -> dict[str, Any]:
+    return {
+        "max_batch_size": spec.max_batch_size,
+        "max_wait": spec.max_wait,
+        "max_concurrent_batches": 1,
+    }
+
+
+# -- mixedbread batched ------------------------------------------------------------------------
+
+
+def _import_batched() -> None:
+    import batched  # noqa: F401
+
+
+@contextlib.asynccontextmanager
+async def _open_batched_aio(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    import batched
+
+    proc = batched.aio.dynamically(
+        fn, batch_size=spec.max_batch_size, timeout_ms=spec.max_wait * 1000
+    )
+    try:
+        yield proc
+    finally:
+        task = getattr(proc, "_task", None)  # batched has no close(); it cancels in __del__
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _batched_aio_options(spec: BatchSpec) -> dict[str, Any]:
+    return {"batch_size": spec.max_batch_size, "timeout_ms": spec.max_wait * 1000}
+
+
+@contextlib.asynccontextmanager
+async def _open_batched_thread(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    import batched
+
+    proc = batched.dynamically(fn, batch_size=spec.max_batch_size, timeout_ms=spec.max_wait * 1000)
+    try:
+        yield proc.acall
+    finally:
+        await asyncio.to_thread(proc.shutdown)
+
+
+# -- async-batcher -----------------------------------------------------------------------------
+
+
+def _import_async_batcher() -> None:
+    import async_batcher.batcher  # noqa: F401
+
+
+@contextlib.asynccontextmanager
+async def _open_async_batcher(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    from async_batcher.batcher import AsyncBatcher
+
+    if inspect.iscoroutinefunction(fn):
+
+        class AsyncFnBatcher(AsyncBatcher[Any, Any]):
+            async def process_batch(self, batch: list[Any]) -> list[Any]:
+                return list(await fn(batch))
+
+        batcher: AsyncBatcher[Any, Any] = AsyncFnBatcher(
+            max_batch_size=spec.max_batch_size, max_queue_time=spec.max_wait, concurrency=1
+        )
+        executor = None
+    else:
+
+        class SyncFnBatcher(AsyncBatcher[Any, Any]):
+            def process_batch(self, batch: list[Any]) -> list[Any]:  # type: ignore[override]
+                return list(fn(batch))
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-batcher")
+        batcher = SyncFnBatcher(
+            max_batch_size=spec.max_batch_size,
+            max_queue_time=spec.max_wait,
+            concurrency=1,
+            executor=executor,
+        )
+    try:
+        yield batcher.process
+    finally:
+        # A graceful stop() polls a 1-second wait_for; force=True cancels its tasks at once.
+        await batcher.stop(force=True)
+        await asyncio.sleep(0)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
+def _async_batcher_options(spec: BatchSpec) -> dict[str, Any]:
+    return {
+        "max_batch_size": spec.max_batch_size,
+        "max_queue_time": spec.max_wait,
+        "concurrency": 1,
+        "executor": "ThreadPoolExecutor(max_workers=1) (sync fn only)",
+    }
+
+
+# -- aiobatch ----------------------------------------------------------------------------------
+
+
+def _import_aiobatch() -> None:
+    import aiobatch.task
+
+    async def probe() -> None:
+        # aiobatch's AsyncTask subclasses asyncio.Future and assigns `self._result` in __init__,
+        # which the C-accelerated _asyncio.Future rejects (seen on CPython 3.11.7): every call fails.
+        aiobatch.task.AsyncTask([], {})
+
+    asyncio.run(probe())
+
+
+@contextlib.asynccontextmanager
+async def _open_aiobatch(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    import aiobatch
+
+    # timeout=0 hits a bug in 0.0.1.dev5 (`await queue.get_nowait()`); max_wait > 0 is required.
+    sched = aiobatch.async_queuing(batch_size=spec.max_batch_size, timeout=spec.max_wait)
+    wrapped = sched(fn)
+    try:
+        yield wrapped
+    finally:
+        worker = sched._worker
+        sched.stop()
+        if worker is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+
+def _aiobatch_options(spec: BatchSpec) -> dict[str, Any]:
+    return {"batch_size": spec.max_batch_size, "timeout": spec.max_wait, "is_tensor": False}
+
+
+# -- Ray Serve ---------------------------------------------------------------------------------
+
+
+def _import_ray() -> None:
+    from ray.serve import batching  # noqa: F401
+
+
+@contextlib.asynccontextmanager
+async def _open_ray(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    from ray import serve
+    from ray.serve import batching
+
+    # @serve.batch reads the replica context only to log a warning about max_ongoing_requests; out
+    # of a Serve deployment that raises. This one no-op patch is all it needs to run in-process,
+    # without ray.init() or a cluster (checked with ray 2.60).
+    queue_cls: Any = batching._BatchQueue
+    queue_cls._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+    executor: ThreadPoolExecutor | None = None
+    if inspect.iscoroutinefunction(fn):
+        handler = fn
+    else:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-batch")
+        loop = asyncio.get_running_loop()
+        pool = executor
+
+        async def handler(items: list[Any]) -> Any:
+            return await loop.run_in_executor(pool, fn, items)
+
+    decorated = serve.batch(max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.max_wait)(
+        handler
+    )
+    try:
+        yield decorated
+    finally:
+        lazy = getattr(decorated.set_max_batch_size, "__self__", None)
+        queue = getattr(lazy, "_queue", None)
+        task = getattr(queue, "_handle_batch_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
+def _ray_options(spec: BatchSpec) -> dict[str, Any]:
+    return {
+        "max_batch_size": spec.max_batch_size,
+        "batch_wait_timeout_s": spec.max_wait,
+        "max_concurrent_batches": 1,
+        "sync fn": "wrapped: await loop.run_in_executor(ThreadPoolExecutor(1), fn, items)",
+    }
+
+
+# -- the floor ---------------------------------------------------------------------------------
+
+
+def _floor_options(spec: BatchSpec) -> dict[str, Any]:
+    return {"chunk": spec.max_batch_size, "fn": "called inline on the loop thread", "timer": None}
+
+
+def _floor_thread_options(spec: BatchSpec) -> dict[str, Any]:
+    return {"chunk": spec.max_batch_size, "fn": "loop.run_in_executor(ThreadPoolExecutor(1))"}
+
+
+def _nothing() -> None:
+    return None
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender(
+        "floor", "raw asyncio floor (future + list + consumer task)",
+        open_floor, _floor_options, _nothing, is_floor=True,
+    ),
+    Contender(
+        "floor+thread", "raw asyncio floor, sync fn on one worker thread (run_in_executor)",
+        open_floor_thread, _floor_thread_options, _nothing, async_fn=False, is_floor=True,
+    ),
+    Contender(
+        "batchio", "batchio.Batcher", _open_batchio, _batchio_options, _import_batchio
+    ),
+    Contender(
+        "batched.aio", "mixedbread batched: @batched.aio.dynamically",
+        _open_batched_aio, _batched_aio_options, _import_batched,
+    ),
+    Contender(
+        "batched.thread", "mixedbread batched: @batched.dynamically, awaited via .acall",
+        _open_batched_thread, _batched_aio_options, _import_batched, async_fn=False,
+    ),
+    Contender(
+        "async-batcher", "async-batcher: AsyncBatcher subclass, .process()",
+        _open_async_batcher, _async_batcher_options, _import_async_batcher,
+    ),
+    Contender(
+        "aiobatch", "aiobatch: @aiobatch.async_queuing",
+        _open_aiobatch, _aiobatch_options, _import_aiobatch, async_fn=False,
+    ),
+    Contender(
+        "ray.serve.batch", "Ray Serve @serve.batch, in-process (no cluster)",
+        _open_ray, _ray_options, _import_ray,
+    ),
+)  # fmt: skip
+
+
+def by_name(names: str | None) -> list[Contender]:
+    """The contenders named in a comma-separated list (all when ``None``)."""
+    if not names:
+        return list(CONTENDERS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {c.name: c for c in CONTENDERS}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise SystemExit(f"unknown contender(s) {missing}; choose from {sorted(known)}")
+    return [known[n] for n in wanted]
+
+
+def loops_for(contender: Contender, loops: list[LoopName], peers_on_uvloop: bool) -> list[LoopName]:
+    """batchio and the floor run on every requested loop; peers on the default loop only unless
+    ``peers_on_uvloop``."""
+    if contender.is_floor or contender.name == "batchio" or peers_on_uvloop:
+        return loops
+    return [loop for loop in loops if loop == "asyncio"] or loops[:1]
