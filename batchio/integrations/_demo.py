@@ -23,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import BatcherStatistics, Percentiles
-from ..__main__ import INSTALL_HINT
 from .transformers import SentenceEmbedder
 
 __all__ = ["make_texts", "run_demo"]
+
+INSTALL_HINT = "pip install 'batchio[demo]'"
 
 _WORDS = [
     "the",

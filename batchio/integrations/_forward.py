@@ -9,6 +9,7 @@ row still gets its result.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeAlias
 
@@ -101,6 +102,9 @@ class BatchForward:
             try:
                 outputs = self.run_micro_batch([prepared[i] for i in indices])
             except Exception as exc:
+                # The error outlives this call (callers hold it); its frames must not keep the
+                # batch's tensors, possibly gigabytes of device memory, alive with it.
+                traceback.clear_frames(exc.__traceback__)
                 for i in indices:
                     results[i] = exc
             else:
