@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,9 @@ from typing import Any
 
 from ._harness import BatchFn, BatchSpec, Call, LoopName, open_floor, open_floor_thread
 
-__all__ = ["CONTENDERS", "Contender", "by_name"]
+__all__ = ["CONTENDERS", "MODEL_ONLY", "Contender", "by_name", "embedder_contender", "loops_for"]
+
+MODEL_ONLY = "batchio.SentenceEmbedder"
 
 Opener = Callable[[BatchFn, BatchSpec], contextlib.AbstractAsyncContextManager[Call]]
 
@@ -100,12 +103,12 @@ def _batchio_options(spec: BatchSpec) -> dict[str, Any]:
 
 
 def _import_batched() -> None:
-    import batched  # noqa: F401
+    importlib.import_module("batched")
 
 
 @contextlib.asynccontextmanager
 async def _open_batched_aio(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
-    import batched
+    batched = importlib.import_module("batched")
 
     proc = batched.aio.dynamically(
         fn, batch_size=spec.max_batch_size, timeout_ms=spec.max_wait * 1000
@@ -126,7 +129,7 @@ def _batched_aio_options(spec: BatchSpec) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _open_batched_thread(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
-    import batched
+    batched = importlib.import_module("batched")
 
     proc = batched.dynamically(fn, batch_size=spec.max_batch_size, timeout_ms=spec.max_wait * 1000)
     try:
@@ -139,27 +142,27 @@ async def _open_batched_thread(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Ca
 
 
 def _import_async_batcher() -> None:
-    import async_batcher.batcher  # noqa: F401
+    importlib.import_module("async_batcher.batcher")
 
 
 @contextlib.asynccontextmanager
 async def _open_async_batcher(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
-    from async_batcher.batcher import AsyncBatcher
+    AsyncBatcher: Any = importlib.import_module("async_batcher.batcher").AsyncBatcher
 
     if inspect.iscoroutinefunction(fn):
 
-        class AsyncFnBatcher(AsyncBatcher[Any, Any]):
+        class AsyncFnBatcher(AsyncBatcher):  # type: ignore[misc]
             async def process_batch(self, batch: list[Any]) -> list[Any]:
                 return list(await fn(batch))
 
-        batcher: AsyncBatcher[Any, Any] = AsyncFnBatcher(
+        batcher: Any = AsyncFnBatcher(
             max_batch_size=spec.max_batch_size, max_queue_time=spec.max_wait, concurrency=1
         )
         executor = None
     else:
 
-        class SyncFnBatcher(AsyncBatcher[Any, Any]):
-            def process_batch(self, batch: list[Any]) -> list[Any]:  # type: ignore[override]
+        class SyncFnBatcher(AsyncBatcher):  # type: ignore[misc]
+            def process_batch(self, batch: list[Any]) -> list[Any]:
                 return list(fn(batch))
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-batcher")
@@ -192,19 +195,19 @@ def _async_batcher_options(spec: BatchSpec) -> dict[str, Any]:
 
 
 def _import_aiobatch() -> None:
-    import aiobatch.task
+    aiobatch_task: Any = importlib.import_module("aiobatch.task")
 
     async def probe() -> None:
         # aiobatch's AsyncTask subclasses asyncio.Future and assigns `self._result` in __init__,
         # which the C-accelerated _asyncio.Future rejects (seen on CPython 3.11.7): every call fails.
-        aiobatch.task.AsyncTask([], {})
+        aiobatch_task.AsyncTask([], {})
 
     asyncio.run(probe())
 
 
 @contextlib.asynccontextmanager
 async def _open_aiobatch(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
-    import aiobatch
+    aiobatch: Any = importlib.import_module("aiobatch")
 
     # timeout=0 hits a bug in 0.0.1.dev5 (`await queue.get_nowait()`); max_wait > 0 is required.
     sched = aiobatch.async_queuing(batch_size=spec.max_batch_size, timeout=spec.max_wait)
@@ -227,13 +230,13 @@ def _aiobatch_options(spec: BatchSpec) -> dict[str, Any]:
 
 
 def _import_ray() -> None:
-    from ray.serve import batching  # noqa: F401
+    importlib.import_module("ray.serve.batching")
 
 
 @contextlib.asynccontextmanager
 async def _open_ray(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
-    from ray import serve
-    from ray.serve import batching
+    serve: Any = importlib.import_module("ray.serve")
+    batching: Any = importlib.import_module("ray.serve.batching")
 
     # @serve.batch reads the replica context only to log a warning about max_ongoing_requests; out
     # of a Serve deployment that raises. This one no-op patch is all it needs to run in-process,
@@ -327,11 +330,51 @@ CONTENDERS: tuple[Contender, ...] = (
 )  # fmt: skip
 
 
+# -- batchio's own SentenceEmbedder (model workloads only) -------------------------------------
+
+
+def embedder_contender(net: Any, tokenizer: Any, *, device: str, max_length: int) -> Contender:
+    """batchio.integrations.transformers.SentenceEmbedder on an already-loaded model.
+
+    It brings its own batch function (tokenize, forward, mean-pool, normalise, like
+    ``bench/_model.py``) and ignores the one handed to every other contender; its mean batch size
+    comes from ``statistics()``.
+    """
+
+    def check() -> None:
+        from batchio.integrations.transformers import SentenceEmbedder  # noqa: F401
+
+    @contextlib.asynccontextmanager
+    async def open_embedder(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+        from batchio.integrations.transformers import SentenceEmbedder
+
+        del fn
+        emb = SentenceEmbedder(
+            net, tokenizer, device=device, max_length=max_length,
+            max_batch_size=spec.max_batch_size, max_wait=spec.max_wait,
+        )  # fmt: skip
+        async with emb:
+            yield emb
+
+    def options(spec: BatchSpec) -> dict[str, Any]:
+        return {
+            "max_batch_size": spec.max_batch_size, "max_wait": spec.max_wait,
+            "max_length": max_length, "device": device, "max_batch_tokens": None,
+            "fn": "its own (SentenceEmbedder.embed_batch)",
+        }  # fmt: skip
+
+    return Contender(
+        "batchio.SentenceEmbedder", "batchio.integrations.transformers.SentenceEmbedder",
+        open_embedder, options, check, async_fn=False,
+    )  # fmt: skip
+
+
 def by_name(names: str | None) -> list[Contender]:
     """The contenders named in a comma-separated list (all when ``None``)."""
     if not names:
         return list(CONTENDERS)
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    # batchio.SentenceEmbedder needs a loaded model: bench_model.model_contenders adds it.
+    wanted = [n.strip() for n in names.split(",") if n.strip() not in ("", MODEL_ONLY)]
     known = {c.name: c for c in CONTENDERS}
     missing = [n for n in wanted if n not in known]
     if missing:

@@ -40,6 +40,8 @@ class Embedder:
     max_length: int
     torch_threads: int
     dim: int
+    net: Any = None  # the loaded transformers model (for batchio's SentenceEmbedder contender)
+    tokenizer: Any = None
 
     def warmup(self, sentences: Sequence[str], batch_sizes: Sequence[int] = (1, 8, 64)) -> None:
         """Run a few batches so lazy initialisation (allocator, kernels) is not timed."""
@@ -86,4 +88,6 @@ def load_embedder(
         max_length=max_length,
         torch_threads=torch.get_num_threads(),
         dim=dim,
+        net=net,
+        tokenizer=tokenizer,
     )

@@ -53,6 +53,12 @@ def _ms(x: float) -> float:
     return x * 1000.0
 
 
+def _own_mean_batch(call: Any) -> float:
+    """Mean batch size from a contender's own statistics (batchio objects), else 0."""
+    stats = getattr(call, "statistics", None)
+    return float(stats().mean_batch_size) if callable(stats) else 0.0
+
+
 # -- one repeat of each workload ---------------------------------------------------------------
 
 
@@ -82,11 +88,14 @@ def model_closed_once(
     """Model batch function, closed loop: sentences/s, latency percentiles, mean batch size."""
     counter = CountingFn(fn)
 
+    mean_batch = [0.0]
+
     async def main() -> tuple[float, list[float]]:
         async with contender.open(counter.wrap(), spec) as call:
             res = await closed_loop(
                 call, sentences, concurrency=concurrency, requests=requests, record_latency=True
             )
+            mean_batch[0] = counter.mean_batch_size or _own_mean_batch(call)
         return res.items_per_s, res.latencies or []
 
     rate, lat = run_on_loop(loop, main)
@@ -94,7 +103,7 @@ def model_closed_once(
         "sentences_per_s": rate,
         "p50_ms": _ms(percentile(lat, 50)),
         "p99_ms": _ms(percentile(lat, 99)),
-        "mean_batch_size": counter.mean_batch_size,
+        "mean_batch_size": mean_batch[0],
     }
 
 
@@ -106,14 +115,19 @@ def model_open_once(
     """Poisson arrivals at ``rate``: latency percentiles, throughput and goodput."""
     counter = CountingFn(fn)
 
+    own = [0.0]
+
     async def main() -> Any:
         async with contender.open(counter.wrap(), spec) as call:
-            return await open_loop(
+            res = await open_loop(
                 call, sentences, rate=rate, requests=requests, seed=seed, slo=slo,
                 drain_timeout=drain_timeout,
             )  # fmt: skip
+            own[0] = _own_mean_batch(call)
+        return res
 
     res = run_on_loop(loop, main)
+    mean_batch = counter.mean_batch_size or own[0]
     return {
         "arrival_rate": res.arrival_rate,
         "throughput": res.throughput,
@@ -121,7 +135,7 @@ def model_open_once(
         "completed_fraction": res.completed / res.requests,
         "p50_ms": _ms(percentile(res.latencies, 50)),
         "p99_ms": _ms(percentile(res.latencies, 99)),
-        "mean_batch_size": counter.mean_batch_size,
+        "mean_batch_size": mean_batch,
     }
 
 

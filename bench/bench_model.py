@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
-from ._contenders import Contender, by_name
+from ._contenders import Contender, by_name, embedder_contender
 from ._corpus import corpus, corpus_stats
 from ._harness import (
     ROOT,
@@ -47,6 +47,7 @@ from ._workloads import (
 __all__ = [
     "add_model_args",
     "main",
+    "model_contenders",
     "prepare_model",
     "print_baselines",
     "print_closed",
@@ -84,6 +85,23 @@ def prepare_model(a: argparse.Namespace) -> tuple[Embedder, tuple[str, ...]]:
     sentences = corpus(a.corpus_size)
     embedder.warmup(sentences, (1, 8, a.max_batch_size))
     return embedder, sentences
+
+
+def model_contenders(names: str | None, embedder: Embedder) -> list[Contender]:
+    """Contenders for the model workloads: the named ones (no floors), plus batchio's own
+    ``SentenceEmbedder`` when named (or when ``names`` is None, i.e. all)."""
+    special = "batchio.SentenceEmbedder"
+    wanted = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    plain = None if wanted is None else ",".join(n for n in wanted if n != special)
+    out = [c for c in (by_name(plain) if plain != "" else []) if not c.is_floor]
+    if wanted is None or special in wanted:
+        emb = embedder_contender(
+            embedder.net, embedder.tokenizer, device=embedder.device,
+            max_length=embedder.max_length,
+        )  # fmt: skip
+        index = next((i + 1 for i, c in enumerate(out) if c.name == "batchio"), len(out))
+        out.insert(index, emb)
+    return out
 
 
 def requests_for(concurrency: int, per_client: int, minimum: int) -> int:
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idle-requests", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loops", default="asyncio,uvloop")
-    p.add_argument("--contenders", default="batchio")
+    p.add_argument("--contenders", default="batchio,batchio.SentenceEmbedder")
     p.add_argument("--json", type=Path, default=ROOT / "bench/results/model.json")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -263,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     loops = [cast(LoopName, x) for x in a.loops.split(",")]
     loops = [x for x in loops if loop_available(x) is None]
     concs = [int(x) for x in a.concurrency.split(",")]
-    contenders = [c for c in by_name(a.contenders) if not c.is_floor]
     embedder, sentences = prepare_model(a)
+    contenders = model_contenders(a.contenders, embedder)
     info = machine_info()
     n_cfg = len(contenders) * len(loops)
     total = a.repeats * (3 + n_cfg * len(concs) + n_cfg * 2)

@@ -43,6 +43,7 @@ from ._harness import (
 from ._workloads import model_open_once, run_configs
 from .bench_model import (
     add_model_args,
+    model_contenders,
     prepare_model,
     print_baselines,
     print_closed,
@@ -143,7 +144,7 @@ def print_open(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return r["contender"] + ("+uvloop" if r["loop"] == "uvloop" else "")
+    return str(r["contender"]) + ("+uvloop" if r["loop"] == "uvloop" else "")
 
 
 def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
@@ -272,16 +273,19 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         if reason:
             skipped[c.name] = reason
     live = [c for c in contenders if c.name not in skipped]
-    model_cs = [c for c in live if not c.is_floor and c.sync_fn]
+    names = a.contenders
 
     def lf_default(c: Contender) -> list[LoopName]:
         """Open loop and idle latency: every contender on the default loop only."""
         return [x for x in lf(c) if x == "asyncio"] or lf(c)[:1]
 
+    n_model = len([c for c in live if not c.is_floor and c.sync_fn]) + int(
+        names is None or "batchio.SentenceEmbedder" in names
+    )
     n_over = sum(len(lf(c)) * (int(c.sync_fn) + int(c.async_fn)) for c in live)
-    n_closed = sum(len(lf(c)) for c in model_cs) * len(sizes.concurrencies)
-    n_open = len(model_cs) * len(sizes.open_levels)
-    n_idle = len(model_cs) * 2
+    n_closed = (n_model + 1) * len(sizes.concurrencies)  # + batchio on uvloop
+    n_open = n_model * len(sizes.open_levels)
+    n_idle = n_model * 2
     total = sizes.repeats * (n_over + 3 + n_closed + n_open + n_idle)
     progress = Progress(total, enabled=not a.quiet, description="suite")
     info = machine_info()
@@ -298,13 +302,17 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         if "overhead" in a.workloads:
             progress.log("[bold]workload 1: overhead")
             results["overhead"] = run_overhead(
-                live, loops=loops, fn_kinds=["sync", "async"], spec=ospec,
+                [c for c in live if c.name != "batchio.SentenceEmbedder"], loops=loops, fn_kinds=["sync", "async"], spec=ospec,
                 requests=sizes.overhead_requests, concurrency=sizes.overhead_concurrency,
                 repeats=sizes.repeats, progress=progress, skipped=skipped, loops_for=lf,
             )  # fmt: skip
         else:
             results["overhead"] = []
         embedder, sentences = prepare_model(a)
+        model_cs = [
+            c for c in model_contenders(names, embedder)
+            if c.name not in skipped and c.sync_fn and not c.unavailable()
+        ]  # fmt: skip
         results["model"] = {
             "path": embedder.model_path, "device": embedder.device,
             "torch_threads": embedder.torch_threads, "max_length": embedder.max_length,

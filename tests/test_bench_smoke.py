@@ -1,0 +1,91 @@
+"""The benchmarks still run: every workload of ``bench/`` at tiny sizes (seconds, not a measurement).
+
+Performance is not asserted here, only that each piece produces sane, complete numbers, so the
+benchmark code cannot rot silently. Peers that are not installed are skipped by the harness.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import bench_overhead, suite
+from bench._contenders import by_name
+from bench._harness import BatchSpec, Progress
+
+pytestmark = pytest.mark.filterwarnings(
+    # transformers/torch may warn about things that are not ours while loading the model.
+    "ignore::DeprecationWarning",
+    "ignore::FutureWarning",
+    "ignore::UserWarning",
+)
+
+
+def test_overhead_floor_and_batchio() -> None:
+    """The no-op closed loop runs for the floors and batchio, sync and async fn, and batches."""
+    skipped: dict[str, str] = {}
+    rows = bench_overhead.run_overhead(
+        by_name("floor,floor+thread,batchio"),
+        loops=["asyncio"],
+        fn_kinds=["sync", "async"],
+        spec=BatchSpec(max_batch_size=16, max_wait=0.005),
+        requests=2_000,
+        concurrency=64,
+        repeats=1,
+        progress=Progress(1, enabled=False),
+        skipped=skipped,
+    )
+    got = {(r["contender"], r["fn"]) for r in rows}
+    assert got == {
+        ("floor", "sync"),
+        ("floor", "async"),
+        ("floor+thread", "sync"),
+        ("batchio", "sync"),
+        ("batchio", "async"),
+    }
+    for r in rows:
+        assert "error" not in r, r
+        assert r["items_per_s"]["median"] > 0
+        assert r["ratio_to_floor"] > 0
+        assert r["mean_batch_size"]["median"] > 1  # 64 clients really were batched
+    assert "floor+thread (async fn)" in skipped
+
+
+def test_suite_tiny_end_to_end(tmp_path: Path) -> None:
+    """One tiny suite run with the real model: every workload, JSON results and plots."""
+    out = tmp_path / "results.json"
+    suite.main(
+        [
+            "--tiny",
+            "--quiet",
+            "--max-batch-size",
+            "8",
+            "--contenders",
+            "floor,batchio,batchio.SentenceEmbedder",
+            "--loops",
+            "asyncio",
+            "--json",
+            str(out),
+            "--plots",
+            str(tmp_path),
+        ]
+    )
+    results = json.loads(out.read_text())
+    assert results["machine"]["cpus"] >= 1
+    assert results["ceiling"]["sorted"] > 0
+    closed = {(r["contender"], r["concurrency"]) for r in results["closed"] if "error" not in r}
+    assert closed == {
+        ("batchio", 1),
+        ("batchio", 8),
+        ("batchio.SentenceEmbedder", 1),
+        ("batchio.SentenceEmbedder", 8),
+    }
+    for section in ("closed", "open", "idle", "overhead"):
+        assert results[section], section
+        for r in results[section]:
+            assert "error" not in r, r
+    assert all(r["completed_fraction"]["median"] == 1.0 for r in results["open"])
+    for name in ("overhead", "throughput_vs_concurrency", "latency_vs_load"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
