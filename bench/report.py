@@ -1,0 +1,193 @@
+"""Render results JSON as the Markdown tables used in ``docs/benchmarks.md``.
+
+    .venv/bin/python -m bench.report bench/results/suite-quick-cpu.json
+    .venv/bin/python -m bench.report bench/results/overhead.json bench/results/model.json
+
+Every number in the docs tables comes from a results file through this script (no hand edits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "render"]
+
+
+def _r(s: dict[str, Any], spec: str) -> str:
+    med = format(s["median"], spec)
+    if s["min"] == s["max"]:
+        return med
+    return f"{med} ({format(s['min'], spec)}-{format(s['max'], spec)})"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |"]
+    out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|")
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _machine(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    v = m["versions"]
+    loads = [f"{x:.2f}" for x in m["loadavg_at_start"]]
+    end = m.get("loadavg_at_end")
+    load = f"load avg at start {'/'.join(loads)}"
+    if end:
+        load += f", at end {'/'.join(f'{x:.2f}' for x in end)}"
+    vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return (
+        f"*{m['cpu']} x{m['cpus']} cores, {m['platform']}, Python {m['python']}; {vers}; "
+        f"batchio commit {m.get('git_commit')}; {load}; run at {m['time_utc']}.*"
+    )
+
+
+def overhead_md(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        if "items_per_s" not in r:
+            body.append([r["contender"], r["loop"], r["fn"], "error", r.get("error", ""), "", ""])
+            continue
+        body.append([
+            r["contender"], r["loop"], r["fn"], _r(r["items_per_s"], ",.0f"),
+            f"{r['us_per_request']:.2f}", f"{r['ratio_to_floor']:.2f}",
+            f"{r['mean_batch_size']['median']:.1f}",
+        ])  # fmt: skip
+    return _table(
+        [
+            "contender",
+            "loop",
+            "fn",
+            "requests/s, median (min-max)",
+            "µs/request",
+            "÷ floor",
+            "mean batch",
+        ],
+        body,
+    )
+
+
+def baselines_md(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        p50 = _r(r["p50_ms"], ".1f") if "p50_ms" in r else ""
+        p99 = _r(r["p99_ms"], ".1f") if "p99_ms" in r else ""
+        body.append([r["key"], _r(r["sentences_per_s"], ".1f"), p50, p99])
+    return _table(["baseline", "sentences/s", "p50 ms", "p99 ms"], body)
+
+
+def closed_md(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        head = [r["contender"], r["loop"], str(r["concurrency"])]
+        if "sentences_per_s" not in r:
+            body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
+            continue
+        arrival = r.get("ratio_to_arrival_ceiling")
+        body.append([
+            *head, _r(r["sentences_per_s"], ".1f"), f"{r['ratio_to_ceiling']:.2f}",
+            f"{arrival:.2f}" if arrival is not None else "",
+            f"{r['mean_batch_size']['median']:.1f}", _r(r["p50_ms"], ".0f"),
+            _r(r["p99_ms"], ".0f"),
+        ])  # fmt: skip
+    return _table(
+        [
+            "contender",
+            "loop",
+            "clients",
+            "sentences/s",
+            "÷ ceiling (sorted)",
+            "÷ ceiling (arrival order)",
+            "mean batch",
+            "p50 ms",
+            "p99 ms",
+        ],
+        body,
+    )
+
+
+def open_md(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        head = [r["contender"], f"{r['level']:.0%}", f"{r['offered_rate']:.0f}"]
+        if "p50_ms" not in r:
+            body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
+            continue
+        body.append([
+            *head, _r(r["throughput"], ".1f"), _r(r["goodput"], ".1f"), _r(r["p50_ms"], ",.0f"),
+            _r(r["p99_ms"], ",.0f"), f"{r['mean_batch_size']['median']:.1f}",
+        ])  # fmt: skip
+    return _table(
+        [
+            "contender",
+            "load",
+            "offered/s",
+            "done/s",
+            "goodput/s",
+            "p50 ms",
+            "p99 ms",
+            "mean batch",
+        ],
+        body,
+    )
+
+
+def idle_md(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for r in rows:
+        head = [r["contender"], r["loop"], f"{r['max_wait'] * 1000:g}"]
+        if "added_p50_ms" not in r:
+            body.append([*head, "error: " + r.get("error", ""), "", "", ""])
+            continue
+        body.append([
+            *head, _r(r["direct_p50_ms"], ".2f"), _r(r["batched_p50_ms"], ".2f"),
+            _r(r["added_p50_ms"], ".2f"), _r(r["added_p99_ms"], ".2f"),
+        ])  # fmt: skip
+    return _table(
+        [
+            "contender",
+            "loop",
+            "max_wait ms",
+            "direct p50 ms",
+            "via batcher p50 ms",
+            "added p50 ms",
+            "added p99 ms",
+        ],
+        body,
+    )
+
+
+def render(res: dict[str, Any]) -> str:
+    """All the tables of one results file, with its machine line."""
+    parts = [_machine(res)]
+    kind = res["benchmark"]
+    if kind in ("overhead", "suite") and res.get("rows" if kind == "overhead" else "overhead"):
+        parts.append(overhead_md(res["rows"] if kind == "overhead" else res["overhead"]))
+    if kind in ("model", "suite"):
+        parts.append(baselines_md(res["baselines"]))
+        if res.get("closed"):
+            parts.append(closed_md(res["closed"]))
+        if res.get("open"):
+            parts.append(f"Goodput SLO: {res['slo_s'] * 1000:.0f} ms.\n\n" + open_md(res["open"]))
+        if res.get("idle"):
+            parts.append(idle_md(res["idle"]))
+    if res.get("skipped"):
+        parts.append("\n".join(f"- skipped {k}: {v}" for k, v in res["skipped"].items()))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("files", nargs="+", type=Path)
+    a = p.parse_args(argv)
+    for f in a.files:
+        print(f"<!-- from {f} -->")
+        print(render(json.loads(f.read_text())))
+
+
+if __name__ == "__main__":
+    main()
