@@ -203,6 +203,10 @@ def run_demo(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     table.add_row("requests", f"{n}")
     table.add_row("concurrent clients", f"{args.concurrency}")
+    table.add_row(
+        "max_batch_size / max_wait / max_batch_tokens",
+        f"{args.max_batch_size} / {args.max_wait * 1e3:g} ms / {args.max_batch_tokens}",
+    )
     table.add_row("sequential throughput (1 at a time)", f"{sequential_rps:,.1f} req/s")
     table.add_row("batched throughput", f"{batched_rps:,.1f} req/s")
     table.add_row("speedup", f"{batched_rps / sequential_rps:.2f}x")
