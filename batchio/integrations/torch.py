@@ -32,8 +32,8 @@ from ._collate import (
 )
 from ._device import Placement
 from ._forward import BatchForward, Postprocess
-from ._microbatch import padded_cost, plan_micro_batches
-from ._split import split_output, stack_outputs, tree_map
+from ._microbatch import plan_micro_batches
+from ._split import split_output, stack_outputs
 
 __all__ = [
     "DEFAULT_PAD_VALUES",
@@ -46,12 +46,10 @@ __all__ = [
     "Placement",
     "Postprocess",
     "PreparedRow",
-    "padded_cost",
     "plan_micro_batches",
     "split_output",
     "split_rows",
     "stack_outputs",
-    "tree_map",
 ]
 
 
@@ -75,7 +73,13 @@ def split_rows(batch: Any) -> list[Any]:
 
 
 def _as_batch_tensor(value: object, what: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    try:
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CollationError(
+            f"{what} cannot become one tensor ({exc}); pad the batch (padding=True) or submit "
+            "its rows with map()"
+        ) from None
     if t.ndim == 0:
         raise CollationError(f"{what} is 0-d; a batch needs a leading row dimension")
     return t

@@ -71,7 +71,7 @@ class TextEmbeddingFn:
         self.max_length = max_length if max_length is not None else default
         # With left padding, models with absolute positions need positions counted over real
         # tokens only, or every token's position shifts by the padding before it.
-        forward_params = inspect.signature(model.forward).parameters
+        forward_params = inspect.signature(getattr(model, "forward", model)).parameters
         wants_positions = padding_side == "left" and "position_ids" in forward_params
         self.forward = BatchForward(
             model,

@@ -355,6 +355,8 @@ def test_split_rows_rejects_ragged_or_0d() -> None:
         split_rows({"a": torch.ones(2, 3), "b": torch.ones(3, 3)})
     with pytest.raises(CollationError, match="0-d"):
         split_rows(torch.tensor(1.0))
+    with pytest.raises(CollationError, match="key 'input_ids' cannot become one tensor"):
+        split_rows({"input_ids": [[1, 2], [3]]})  # an unpadded tokenizer batch
     with pytest.raises(ValueError, match="empty"):
         stack_outputs([], "right")
 
