@@ -31,9 +31,20 @@ from typing import Any
 
 from ._harness import BatchFn, BatchSpec, Call, LoopName, open_floor, open_floor_thread
 
-__all__ = ["CONTENDERS", "MODEL_ONLY", "Contender", "by_name", "embedder_contender", "loops_for"]
+__all__ = [
+    "CONTENDERS",
+    "EMBEDDER",
+    "EMBEDDER_MBT",
+    "MODEL_ONLY",
+    "Contender",
+    "by_name",
+    "embedder_contender",
+    "loops_for",
+]
 
-MODEL_ONLY = "batchio.SentenceEmbedder"
+EMBEDDER = "batchio.SentenceEmbedder"
+EMBEDDER_MBT = "batchio.SentenceEmbedder+mbt"  # with max_batch_tokens (length-sorted micro-batches)
+MODEL_ONLY = (EMBEDDER, EMBEDDER_MBT)
 
 Opener = Callable[[BatchFn, BatchSpec], contextlib.AbstractAsyncContextManager[Call]]
 
@@ -333,12 +344,15 @@ CONTENDERS: tuple[Contender, ...] = (
 # -- batchio's own SentenceEmbedder (model workloads only) -------------------------------------
 
 
-def embedder_contender(net: Any, tokenizer: Any, *, device: str, max_length: int) -> Contender:
+def embedder_contender(
+    net: Any, tokenizer: Any, *, device: str, max_length: int, max_batch_tokens: int | None = None
+) -> Contender:
     """batchio.integrations.transformers.SentenceEmbedder on an already-loaded model.
 
     It brings its own batch function (tokenize, forward, mean-pool, normalise, like
     ``bench/_model.py``) and ignores the one handed to every other contender; its mean batch size
-    comes from ``statistics()``.
+    comes from ``statistics()``. With ``max_batch_tokens`` each batch is sorted by length and run
+    in micro-batches under that padded-token budget (a batchio feature no peer has).
     """
 
     def check() -> None:
@@ -352,6 +366,7 @@ def embedder_contender(net: Any, tokenizer: Any, *, device: str, max_length: int
         emb = SentenceEmbedder(
             net, tokenizer, device=device, max_length=max_length,
             max_batch_size=spec.max_batch_size, max_wait=spec.max_wait,
+            max_batch_tokens=max_batch_tokens,
         )  # fmt: skip
         async with emb:
             yield emb
@@ -359,12 +374,14 @@ def embedder_contender(net: Any, tokenizer: Any, *, device: str, max_length: int
     def options(spec: BatchSpec) -> dict[str, Any]:
         return {
             "max_batch_size": spec.max_batch_size, "max_wait": spec.max_wait,
-            "max_length": max_length, "device": device, "max_batch_tokens": None,
+            "max_length": max_length, "device": device, "max_batch_tokens": max_batch_tokens,
             "fn": "its own (SentenceEmbedder.embed_batch)",
         }  # fmt: skip
 
     return Contender(
-        "batchio.SentenceEmbedder", "batchio.integrations.transformers.SentenceEmbedder",
+        EMBEDDER if max_batch_tokens is None else EMBEDDER_MBT,
+        "batchio.integrations.transformers.SentenceEmbedder"
+        + ("" if max_batch_tokens is None else f"(max_batch_tokens={max_batch_tokens})"),
         open_embedder, options, check, async_fn=False,
     )  # fmt: skip
 
@@ -374,7 +391,7 @@ def by_name(names: str | None) -> list[Contender]:
     if not names:
         return list(CONTENDERS)
     # batchio.SentenceEmbedder needs a loaded model: bench_model.model_contenders adds it.
-    wanted = [n.strip() for n in names.split(",") if n.strip() not in ("", MODEL_ONLY)]
+    wanted = [n.strip() for n in names.split(",") if n.strip() not in ("", *MODEL_ONLY)]
     known = {c.name: c for c in CONTENDERS}
     missing = [n for n in wanted if n not in known]
     if missing:

@@ -560,6 +560,9 @@ class Progress:
     def step(self, description: str) -> None:
         if self._bar is not None:
             self._bar.update(self._task, description=description)
+            if not self._bar.console.is_terminal:  # a log file: one line per step instead
+                done = int(self._bar.tasks[0].completed)
+                print(f"[{done}/{self._bar.tasks[0].total}] {description}", flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

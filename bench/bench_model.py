@@ -22,7 +22,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
-from ._contenders import Contender, by_name, embedder_contender
+from ._contenders import (
+    EMBEDDER,
+    EMBEDDER_MBT,
+    MODEL_ONLY,
+    Contender,
+    by_name,
+    embedder_contender,
+)
 from ._corpus import corpus, corpus_stats
 from ._harness import (
     ROOT,
@@ -72,6 +79,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation")
     p.add_argument("--corpus-size", type=int, default=2048)
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=256,
+        help="padded-token budget of one forward pass for the batchio.SentenceEmbedder+mbt "
+        "contender (length-sorted micro-batches)",
+    )  # fmt: skip
 
 
 def prepare_model(a: argparse.Namespace) -> tuple[Embedder, tuple[str, ...]]:
@@ -87,20 +99,24 @@ def prepare_model(a: argparse.Namespace) -> tuple[Embedder, tuple[str, ...]]:
     return embedder, sentences
 
 
-def model_contenders(names: str | None, embedder: Embedder) -> list[Contender]:
+def model_contenders(
+    names: str | None, embedder: Embedder, max_batch_tokens: int = 256
+) -> list[Contender]:
     """Contenders for the model workloads: the named ones (no floors), plus batchio's own
-    ``SentenceEmbedder`` when named (or when ``names`` is None, i.e. all)."""
-    special = "batchio.SentenceEmbedder"
+    ``SentenceEmbedder`` (plain, and ``+mbt`` with ``max_batch_tokens``) when named, or when
+    ``names`` is None (all). They go right after ``batchio``."""
     wanted = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
-    plain = None if wanted is None else ",".join(n for n in wanted if n != special)
+    plain = None if wanted is None else ",".join(n for n in wanted if n not in MODEL_ONLY)
     out = [c for c in (by_name(plain) if plain != "" else []) if not c.is_floor]
-    if wanted is None or special in wanted:
-        emb = embedder_contender(
-            embedder.net, embedder.tokenizer, device=embedder.device,
-            max_length=embedder.max_length,
-        )  # fmt: skip
-        index = next((i + 1 for i, c in enumerate(out) if c.name == "batchio"), len(out))
-        out.insert(index, emb)
+    index = next((i + 1 for i, c in enumerate(out) if c.name == "batchio"), len(out))
+    for name, mbt in ((EMBEDDER, None), (EMBEDDER_MBT, max_batch_tokens)):
+        if wanted is None or name in wanted:
+            emb = embedder_contender(
+                embedder.net, embedder.tokenizer, device=embedder.device,
+                max_length=embedder.max_length, max_batch_tokens=mbt,
+            )  # fmt: skip
+            out.insert(index, emb)
+            index += 1
     return out
 
 
@@ -273,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idle-requests", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loops", default="asyncio,uvloop")
-    p.add_argument("--contenders", default="batchio,batchio.SentenceEmbedder")
+    p.add_argument(
+        "--contenders", default="batchio,batchio.SentenceEmbedder,batchio.SentenceEmbedder+mbt"
+    )
     p.add_argument("--json", type=Path, default=ROOT / "bench/results/model.json")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -282,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     loops = [x for x in loops if loop_available(x) is None]
     concs = [int(x) for x in a.concurrency.split(",")]
     embedder, sentences = prepare_model(a)
-    contenders = model_contenders(a.contenders, embedder)
+    contenders = model_contenders(a.contenders, embedder, a.max_batch_tokens)
     info = machine_info()
     n_cfg = len(contenders) * len(loops)
     total = a.repeats * (3 + n_cfg * len(concs) + n_cfg * 2)

@@ -51,6 +51,7 @@ def run_overhead(
     progress: Progress,
     skipped: dict[str, str],
     loops_for: Any = None,
+    kinds_for: Any = None,
 ) -> list[dict[str, Any]]:
     """Run the overhead workload; returns one summarised row per (contender, loop, fn)."""
     configs = []
@@ -60,7 +61,7 @@ def run_overhead(
             skipped[c.name] = reason
             continue
         for loop in loops_for(c) if loops_for else loops:
-            for kind in fn_kinds:
+            for kind in kinds_for(c) if kinds_for else fn_kinds:
                 fn = NOOPS[kind]
                 if not c.supports(fn):
                     skipped.setdefault(f"{c.name} ({kind} fn)", f"{c.name} takes no {kind} fn")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from ._contenders import Contender, by_name, loops_for
+from ._contenders import EMBEDDER, MODEL_ONLY, Contender, by_name, loops_for
 from ._corpus import corpus_stats
 from ._harness import (
     ROOT,
@@ -74,13 +74,15 @@ class Sizes:
     open_min_requests: int
     idle_requests: int
     corpus_size: int
+    peers_async_overhead: bool = True  # overhead with an async fn for peers too (sync always)
+    model_uvloop: bool = True  # batchio on uvloop in the model closed loop too
 
 
 SIZES = {
     "tiny": Sizes(1, 2_000, 64, (1, 8), 2, 8, 32, 8, (0.5, 1.2), 0.3, 8, 3, 256),
     "quick": Sizes(
-        3, 200_000, 256, (1, 16, 64, 256), 2, 64, 256, 64, (0.1, 0.3, 0.5, 0.7, 0.9, 1.2),
-        2.0, 20, 20, 2048,
+        3, 200_000, 256, (1, 16, 64, 256), 2, 64, 256, 64, (0.1, 0.5, 0.8, 1.2), 1.5, 20, 15,
+        2048, peers_async_overhead=False, model_uvloop=False,
     ),
     "full": Sizes(
         5, 500_000, 256, (1, 16, 64, 256), 4, 128, 1024, 256,
@@ -279,12 +281,18 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         """Open loop and idle latency: every contender on the default loop only."""
         return [x for x in lf(c) if x == "asyncio"] or lf(c)[:1]
 
-    n_model = len([c for c in live if not c.is_floor and c.sync_fn]) + int(
-        names is None or "batchio.SentenceEmbedder" in names
+    n_model = len([c for c in live if not c.is_floor and c.sync_fn]) + sum(
+        names is None or n in names for n in MODEL_ONLY
     )
-    n_over = sum(len(lf(c)) * (int(c.sync_fn) + int(c.async_fn)) for c in live)
-    n_closed = (n_model + 1) * len(sizes.concurrencies)  # + batchio on uvloop
-    n_open = n_model * len(sizes.open_levels)
+
+    def kinds(c: Contender) -> list[str]:
+        ours = c.is_floor or c.name == "batchio"
+        return ["sync", "async"] if ours or sizes.peers_async_overhead else ["sync"]
+
+    lf_model = lf if sizes.model_uvloop else lf_default
+    n_over = sum(len(lf(c)) * len([k for k in kinds(c) if k == "sync" or c.async_fn]) for c in live)
+    n_closed = (n_model + int(sizes.model_uvloop)) * len(sizes.concurrencies)
+    n_open = (n_model - 1) * len(sizes.open_levels)  # the plain SentenceEmbedder sits out
     n_idle = n_model * 2
     total = sizes.repeats * (n_over + 3 + n_closed + n_open + n_idle)
     progress = Progress(total, enabled=not a.quiet, description="suite")
@@ -305,12 +313,13 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                 [c for c in live if c.name != "batchio.SentenceEmbedder"], loops=loops, fn_kinds=["sync", "async"], spec=ospec,
                 requests=sizes.overhead_requests, concurrency=sizes.overhead_concurrency,
                 repeats=sizes.repeats, progress=progress, skipped=skipped, loops_for=lf,
+                kinds_for=kinds,
             )  # fmt: skip
         else:
             results["overhead"] = []
         embedder, sentences = prepare_model(a)
         model_cs = [
-            c for c in model_contenders(names, embedder)
+            c for c in model_contenders(names, embedder, a.max_batch_tokens)
             if c.name not in skipped and c.sync_fn and not c.unavailable()
         ]  # fmt: skip
         results["model"] = {
@@ -339,7 +348,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         if "closed" in a.workloads:
             progress.log("[bold]workload 2: closed loop")
             closed = run_closed(
-                model_cs, embedder, sentences, spec=spec, loops=loops, loops_for=lf,
+                model_cs, embedder, sentences, spec=spec, loops=loops, loops_for=lf_model,
                 concurrencies=sizes.concurrencies, per_client=sizes.per_client,
                 minimum=sizes.min_requests, repeats=sizes.repeats, progress=progress,
                 skipped=skipped, ceiling=ceiling["sorted"],
@@ -357,7 +366,8 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         if "open" in a.workloads:
             progress.log(f"[bold]workload 3: open loop (goodput SLO {slo * 1000:.0f} ms)")
             results["open"] = run_open(
-                model_cs, embedder, sentences, spec=spec, loops=loops, loops_for_=lf_default,
+                [c for c in model_cs if c.name != EMBEDDER], embedder, sentences, spec=spec,
+                loops=loops, loops_for_=lf_default,
                 levels=sizes.open_levels, capacity=ceiling["sorted"], seconds=sizes.open_seconds,
                 min_requests=sizes.open_min_requests, slo=slo, repeats=sizes.repeats,
                 progress=progress, skipped=skipped,
