@@ -33,10 +33,12 @@ from ._harness import BatchFn, BatchSpec, Call, LoopName, open_floor, open_floor
 
 __all__ = [
     "CONTENDERS",
+    "DEADLINE",
     "EMBEDDER",
     "EMBEDDER_MBT",
     "MODEL_ONLY",
     "Contender",
+    "batchio_deadline_contender",
     "by_name",
     "embedder_contender",
     "loops_for",
@@ -44,7 +46,8 @@ __all__ = [
 
 EMBEDDER = "batchio.SentenceEmbedder"
 EMBEDDER_MBT = "batchio.SentenceEmbedder+mbt"  # with max_batch_tokens (length-sorted micro-batches)
-MODEL_ONLY = (EMBEDDER, EMBEDDER_MBT)
+DEADLINE = "batchio+deadline"  # open loop only: timeout = the goodput SLO
+MODEL_ONLY = (EMBEDDER, EMBEDDER_MBT, DEADLINE)
 
 Opener = Callable[[BatchFn, BatchSpec], contextlib.AbstractAsyncContextManager[Call]]
 
@@ -383,6 +386,28 @@ def embedder_contender(
         "batchio.integrations.transformers.SentenceEmbedder"
         + ("" if max_batch_tokens is None else f"(max_batch_tokens={max_batch_tokens})"),
         open_embedder, options, check, async_fn=False,
+    )  # fmt: skip
+
+
+def batchio_deadline_contender(timeout: float) -> Contender:
+    """batchio with a per-request deadline (``timeout=``): past saturation, requests that cannot
+    finish in time fail fast with ``RequestTimeoutError`` (and are dropped before they run)
+    instead of piling up; for the open-loop workload."""
+
+    @contextlib.asynccontextmanager
+    async def open_deadline(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+        batcher = _batchio_cls()(
+            fn, max_batch_size=spec.max_batch_size, max_wait=spec.max_wait, timeout=timeout
+        )
+        async with batcher:
+            yield batcher
+
+    def options(spec: BatchSpec) -> dict[str, Any]:
+        return {**_batchio_options(spec), "timeout": timeout}
+
+    return Contender(
+        "batchio+deadline", f"batchio.Batcher(timeout={timeout:.3g}s)", open_deadline, options,
+        _import_batchio,
     )  # fmt: skip
 
 

@@ -109,7 +109,7 @@ def model_contenders(
     plain = None if wanted is None else ",".join(n for n in wanted if n not in MODEL_ONLY)
     out = [c for c in (by_name(plain) if plain != "" else []) if not c.is_floor]
     index = next((i + 1 for i, c in enumerate(out) if c.name == "batchio"), len(out))
-    for name, mbt in ((EMBEDDER, None), (EMBEDDER_MBT, max_batch_tokens)):
+    for name, mbt in ((EMBEDDER, None), (EMBEDDER_MBT, max_batch_tokens)):  # (not DEADLINE)
         if wanted is None or name in wanted:
             emb = embedder_contender(
                 embedder.net, embedder.tokenizer, device=embedder.device,

@@ -118,7 +118,8 @@ def open_md(rows: list[dict[str, Any]]) -> str:
             body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
             continue
         body.append([
-            *head, _r(r["throughput"], ".1f"), _r(r["goodput"], ".1f"), _r(r["p50_ms"], ",.0f"),
+            *head, f"{r['completed_fraction']['median']:.0%}", _r(r["throughput"], ".1f"),
+            _r(r["goodput"], ".1f"), _r(r["p50_ms"], ",.0f"),
             _r(r["p99_ms"], ",.0f"), f"{r['mean_batch_size']['median']:.1f}",
         ])  # fmt: skip
     return _table(
@@ -126,6 +127,7 @@ def open_md(rows: list[dict[str, Any]]) -> str:
             "contender",
             "load",
             "offered/s",
+            "completed",
             "done/s",
             "goodput/s",
             "p50 ms",

@@ -27,7 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from ._contenders import EMBEDDER, MODEL_ONLY, Contender, by_name, loops_for
+from ._contenders import (
+    DEADLINE,
+    EMBEDDER,
+    MODEL_ONLY,
+    Contender,
+    batchio_deadline_contender,
+    by_name,
+    loops_for,
+)
 from ._corpus import corpus_stats
 from ._harness import (
     ROOT,
@@ -133,11 +141,12 @@ def print_open(rows: list[dict[str, Any]], title: str) -> None:
             table.append([*head, "error: " + r.get("error", "?"), "", "", "", ""])
             continue
         table.append([
-            *head, fmt_range(r["throughput"], ".1f"), fmt_range(r["goodput"], ".1f"),
+            *head, f"{r['completed_fraction']['median']:.0%}",
+            fmt_range(r["throughput"], ".1f"), fmt_range(r["goodput"], ".1f"),
             fmt_range(r["p50_ms"], ",.0f"), fmt_range(r["p99_ms"], ",.0f"),
             f"{r['mean_batch_size']['median']:.1f}",
         ])  # fmt: skip
-    headers = ["contender", "loop", "load", "offered/s", "throughput/s", "goodput/s", "p50 ms",
+    headers = ["contender", "loop", "load", "offered/s", "done", "throughput/s", "goodput/s", "p50 ms",
                "p99 ms", "mean batch"]  # fmt: skip
     print_table(title, headers, table)
 
@@ -195,7 +204,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
     # 2. throughput vs concurrency
     rows = [r for r in results["closed"] if "sentences_per_s" in r]
     if rows:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plt.subplots(figsize=(11, 5.5))
         for name in dict.fromkeys(_label(r) for r in rows):
             mine = [r for r in rows if _label(r) == name]
             xs = [r["concurrency"] for r in mine]
@@ -211,10 +220,13 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
                    label="offline ceiling (arrival order)")  # fmt: skip
         ax.axhline(ceiling["sequential"], color="#888888", linestyle="-.", label="sequential")
         ax.set_xscale("log", base=2)
+        concs = sorted({r["concurrency"] for r in rows})
+        ax.set_xticks(concs, [str(c) for c in concs])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel("sentences/s (median, bars min..max)")
         ax.set_title(f"MiniLM throughput vs concurrency ({results['device_label']})")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = outdir / f"throughput_vs_concurrency{suffix}.png"
@@ -225,7 +237,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
     # 3. p99 and goodput vs offered load
     rows = [r for r in results["open"] if "p99_ms" in r]
     if rows:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
         for name in dict.fromkeys(_label(r) for r in rows):
             mine = [r for r in rows if _label(r) == name]
             xs = [r["level"] * 100 for r in mine]
@@ -246,7 +258,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
                  label="offered")  # fmt: skip
         ax2.set_ylabel(f"goodput: requests/s done within {slo:.0f} ms")
         ax2.set_title("goodput vs offered load")
-        ax1.legend(fontsize=8)
+        ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = outdir / f"latency_vs_load{suffix}.png"
@@ -292,7 +304,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
     lf_model = lf if sizes.model_uvloop else lf_default
     n_over = sum(len(lf(c)) * len([k for k in kinds(c) if k == "sync" or c.async_fn]) for c in live)
     n_closed = (n_model + int(sizes.model_uvloop)) * len(sizes.concurrencies)
-    n_open = (n_model - 1) * len(sizes.open_levels)  # the plain SentenceEmbedder sits out
+    n_open = n_model * len(sizes.open_levels)  # - plain SentenceEmbedder + batchio+deadline
     n_idle = n_model * 2
     total = sizes.repeats * (n_over + 3 + n_closed + n_open + n_idle)
     progress = Progress(total, enabled=not a.quiet, description="suite")
@@ -365,8 +377,12 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         results["slo_s"] = slo
         if "open" in a.workloads:
             progress.log(f"[bold]workload 3: open loop (goodput SLO {slo * 1000:.0f} ms)")
+            open_cs = [c for c in model_cs if c.name != EMBEDDER]
+            if names is None or DEADLINE in names:  # batchio with timeout = the SLO, after batchio
+                at = next((i + 1 for i, c in enumerate(open_cs) if c.name == "batchio"), 0)
+                open_cs.insert(at, batchio_deadline_contender(slo))
             results["open"] = run_open(
-                [c for c in model_cs if c.name != EMBEDDER], embedder, sentences, spec=spec,
+                open_cs, embedder, sentences, spec=spec,
                 loops=loops, loops_for_=lf_default,
                 levels=sizes.open_levels, capacity=ceiling["sorted"], seconds=sizes.open_seconds,
                 min_requests=sizes.open_min_requests, slo=slo, repeats=sizes.repeats,
