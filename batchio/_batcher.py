@@ -14,9 +14,9 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast, final
+from typing import Any, Final, Generic, Literal, NoReturn, TypeAlias, TypeVar, cast, final
 
 from ._exceptions import (
     BatcherBrokenError,
@@ -26,8 +26,9 @@ from ._exceptions import (
     RequestTimeoutError,
 )
 from ._policy import BatchPolicy, Dispatch, MaxSizeOrWait, QueueState
-from ._queue import Batch, Request, RequestQueue, fail, resolve
+from ._queue import Batch, Entry, Request, RequestQueue, future_of, rows_of
 from ._stats import BatcherStatistics, StatsRecorder
+from ._worker import WorkerThreads
 
 __all__ = ["AsyncBatchFn", "Batcher", "SyncBatchFn"]
 
@@ -40,6 +41,7 @@ AsyncBatchFn: TypeAlias = Callable[[list[InT]], Awaitable[Sequence[OutT | Except
 """The ``async def`` form of :data:`SyncBatchFn`."""
 
 _log: Final = logging.getLogger("batchio")
+_running_loop: Final = asyncio.get_running_loop
 _INF: Final = math.inf
 
 
@@ -116,6 +118,7 @@ class Batcher(Generic[InT, OutT]):
         "_max_concurrent",
         "_max_queue",
         "_name",
+        "_open_loop",
         "_overflow",
         "_policy",
         "_queue",
@@ -163,15 +166,17 @@ class Batcher(Generic[InT, OutT]):
         self._isolate = isolate_errors
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__name__
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue = RequestQueue()
-        self._overflow: deque[Request] = deque()  # accepted, waiting for room (when_full="wait")
+        # The loop while the batcher accepts requests; None before start, once closed or broken.
+        self._open_loop: asyncio.AbstractEventLoop | None = None
         self._stats = StatsRecorder()
+        self._queue = RequestQueue(self._stats)
+        self._overflow: deque[Entry] = deque()  # accepted, waiting for room (when_full="wait")
         self._running: dict[asyncio.Task[None], Batch] = {}
         self._in_flight = 0
         self._waiter: asyncio.Future[None] | None = None
         self._wake_at_rows: float = _INF
         self._executor_task: asyncio.Task[None] | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads: WorkerThreads | None = None
         self._closed = False
         self._broken: BaseException | None = None
 
@@ -205,11 +210,9 @@ class Batcher(Generic[InT, OutT]):
     def _start(self) -> None:
         if self._executor_task is not None or self._closed:
             raise RuntimeError(f"{self!r} cannot be started twice")
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = self._open_loop = loop = asyncio.get_running_loop()
         if not self._is_async:
-            self._threads = ThreadPoolExecutor(
-                max_workers=self._max_concurrent, thread_name_prefix=f"batchio-{self._name}"
-            )
+            self._threads = WorkerThreads(self._max_concurrent, f"batchio-{self._name}")
         self._executor_task = task = loop.create_task(
             self._executor(), name=f"batchio-executor-{self._name}"
         )
@@ -234,6 +237,7 @@ class Batcher(Generic[InT, OutT]):
         """Stop accepting requests; those already queued are still run (see :meth:`aclose`)."""
         if not self._closed:
             self._closed = True
+            self._open_loop = None
             self._wake()
 
     async def aclose(self, *, cancel_pending: bool = False) -> None:
@@ -258,144 +262,249 @@ class Batcher(Generic[InT, OutT]):
             raise
         finally:
             if not self._running and self._threads is not None:
-                self._threads.shutdown(wait=False)
+                self._threads.shutdown()
 
     # -- submitting ------------------------------------------------------------------------------
 
-    async def __call__(
+    def __call__(
         self, item: InT, *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> OutT:
-        """Submit one item and return its result (same as :meth:`submit`)."""
-        req = self._admit(item, None, timeout)
-        try:
-            return cast("OutT", await req.future)
-        except asyncio.CancelledError:
-            self._abandon(req)
-            raise
+    ) -> asyncio.Future[OutT]:
+        """Submit one item; await the returned future for its result.
 
-    async def submit(
-        self, item: InT, *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> OutT:
-        """Submit one item and return its result.
+        The request is queued at once, when this is called (not when it is awaited), so
+        ``asyncio.gather(b(x), b(y))`` batches both. Cancelling the future, or the task awaiting
+        it, cancels the request. :meth:`submit` is the coroutine form of the same call.
 
         Args:
             item: one input for ``fn``.
             timeout: seconds until this request's deadline; ``None`` for no deadline; by default
                 the batcher's ``timeout``.
 
-        Raises:
+        Raises (from the call, or from awaiting the future):
             RequestTimeoutError: the deadline passed first.
             QueueFullError: the queue is full and ``when_full="reject"``.
             BatcherClosedError: the batcher is closed or was never started.
             BatcherBrokenError: the executor died.
+            RuntimeError: called from another event loop than the one that started the batcher.
             Exception: whatever ``fn`` raised for this request's batch, or put in its slot.
+        """
+        # The hot path: one exact future, one tuple, one deque append; no frame of our own.
+        loop = self._open_loop
+        if loop is None or _running_loop() is not loop:
+            self._refuse()
+        fut = loop.create_future()
+        now = loop.time()
+        t = self._default_timeout if timeout is _DEFAULT else timeout
+        entry: Entry = (fut, item, now) if t is None else Request(fut, item, None, now)
+        queue = self._queue
+        if self._max_queue is not None and (self._overflow or queue.rows >= self._max_queue):
+            self._park(entry, 1)
+        else:
+            queue.dq.append(entry)
+            queue.rows += 1
+            if queue.rows >= self._wake_at_rows:
+                self._wake()
+        self._stats.submitted += 1
+        if t is not None:
+            self._set_deadline(entry, t, now)  # type: ignore[arg-type]
+        return fut
+
+    async def submit(
+        self, item: InT, *, timeout: float | _DefaultTimeout | None = _DEFAULT
+    ) -> OutT:
+        """Submit one item and return its result: the coroutine form of ``batcher(item)``.
+
+        Use it where a coroutine function is needed, e.g. ``task_group.start_soon(b.submit, x)``.
+        Same arguments and errors as :meth:`__call__`.
         """
         return await self(item, timeout=timeout)
 
-    async def map(
+    def map(
         self, items: Iterable[InT], *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> list[OutT]:
-        """Submit several items as one request and return their results, in order.
+    ) -> asyncio.Future[list[OutT]]:
+        """Submit several items as one request; await the returned future for their results.
 
         The request counts its rows toward ``max_batch_size``; when it is larger than the room
         left in a batch it is split across batches (in order, ahead of later requests). It fails
         as a whole with the first error any of its rows gets. An empty request returns ``[]``.
+        Same arguments and errors as :meth:`__call__`.
         """
+        loop = self._open_loop
+        if loop is None or _running_loop() is not loop:
+            self._refuse()
         rows = list(items)
-        req = self._admit(None, rows, timeout)
-        try:
-            return cast("list[OutT]", await req.future)
-        except asyncio.CancelledError:
-            self._abandon(req)
-            raise
-
-    def _admit(
-        self, item: Any, items: list[Any] | None, timeout: float | _DefaultTimeout | None
-    ) -> Request:
-        """Check the door, build the request and queue it (or park it waiting for room)."""
-        loop = self._loop
-        if self._broken is not None:
-            raise BatcherBrokenError(f"{self!r} is broken") from self._broken
-        if self._closed or loop is None:
-            raise BatcherClosedError(
-                f"{self!r} is not accepting requests"
-                + ("" if loop else "; use it as `async with Batcher(...) as b:`")
-            )
-        if asyncio.get_running_loop() is not loop:
-            raise RuntimeError(f"{self!r} belongs to another event loop")
+        fut: asyncio.Future[list[OutT]] = loop.create_future()
         now = loop.time()
-        req = Request(loop.create_future(), item, items, now)
-        if items is not None and not items:
-            resolve(req, [])
+        req = Request(fut, None, rows, now)
+        if not rows:
+            fut.set_result([])
             self._stats.submitted += 1
             self._stats.completed += 1
-            return req
+            return fut
         queue = self._queue
         max_queue = self._max_queue
-        if max_queue is not None and (self._overflow or queue.rows + req.undispatched > max_queue):
-            if not self._wait_for_room or req.undispatched > max_queue:
-                self._stats.rejected += 1
-                raise QueueFullError(queue.rows, req.undispatched, max_queue)
-            self._overflow.append(req)
+        if max_queue is not None and (self._overflow or queue.rows + len(rows) > max_queue):
+            self._park(req, len(rows))
         else:
             queue.push(req)
             if queue.rows >= self._wake_at_rows:
                 self._wake()
         self._stats.submitted += 1
-        t = self._default_timeout if isinstance(timeout, _DefaultTimeout) else timeout
+        t = self._default_timeout if timeout is _DEFAULT else timeout
         if t is not None:
-            req.timeout = t
-            req.deadline = now + t
-            req.timer = loop.call_at(req.deadline, self._expire, req)
-        return req
+            self._set_deadline(req, cast(float, t), now)
+        return fut
 
-    def _abandon(self, req: Request) -> None:
-        """The caller was cancelled: if that cancelled the request, take it out of the queue."""
-        if req.future.cancelled():
+    def _refuse(self) -> NoReturn:
+        """Raise the reason this batcher cannot take a request from here, now."""
+        if self._broken is not None:
+            raise BatcherBrokenError(f"{self!r} is broken") from self._broken
+        if self._closed or self._loop is None:
+            raise BatcherClosedError(
+                f"{self!r} is not accepting requests"
+                + ("" if self._loop else "; use it as `async with Batcher(...) as b:`")
+            )
+        asyncio.get_running_loop()  # raises "no running event loop" outside async code
+        raise RuntimeError(f"{self!r} belongs to another event loop")
+
+    def _park(self, entry: Entry, rows: int) -> None:
+        """The queue looks full: count it exactly, then queue, reject, or park for room."""
+        queue = self._queue
+        max_queue = cast(int, self._max_queue)
+        queue.purge()
+        self._purge_overflow()
+        if not self._overflow and queue.rows + rows <= max_queue:
+            queue.push(entry)
+            if queue.rows >= self._wake_at_rows:
+                self._wake()
+            return
+        if not self._wait_for_room or rows > max_queue:
+            self._stats.rejected += 1
+            raise QueueFullError(queue.rows, rows, max_queue)
+        if type(entry) is Request:
+            entry.parked = True
+        self._overflow.append(entry)
+
+    def _purge_overflow(self) -> None:
+        overflow = self._overflow
+        if overflow:
+            live = [e for e in overflow if not future_of(e).done()]
+            if len(live) != len(overflow):
+                for e in overflow:
+                    if future_of(e).done():
+                        self._note_dead_parked(e)
+                self._overflow = deque(live)
+
+    def _note_dead_parked(self, entry: Entry) -> None:
+        """A parked entry whose future is done: count a cancellation once; it holds no rows."""
+        if type(entry) is tuple:
             self._stats.cancelled += 1
-            self._forget(req)
-
-    def _forget(self, req: Request) -> None:
-        """Drop a request that died before all its rows were dispatched."""
-        if req.timer is not None:
-            req.timer.cancel()
-        if req.undispatched:
-            if self._overflow and req in self._overflow:
-                self._overflow.remove(req)
-                req.undispatched = 0
-            else:
-                self._queue.discard(req)
-            self._admit_overflow()
-
-    def _expire(self, req: Request) -> None:
-        if fail(req, RequestTimeoutError(cast(float, req.timeout), dispatched=req.dispatched)):
-            self._stats.timed_out += 1
-            self._forget(req)
-
-    def _fail(self, req: Request, exc: BaseException) -> None:
-        if fail(req, exc):
-            self._stats.failed += 1
-            self._forget(req)
-
-    def _fail_queued(self, exc: BaseException) -> None:
-        waiting = list(self._overflow)
-        self._overflow.clear()
-        for req in waiting:
-            req.undispatched = 0
-        for req in (*self._queue.drain(), *waiting):
-            self._fail(req, exc)
+            return
+        req = cast(Request, entry)
+        req.parked = False
+        req.undispatched = 0
+        if not req.counted and req.future.cancelled():
+            req.counted = True
+            self._stats.cancelled += 1
 
     def _admit_overflow(self) -> None:
-        """Move requests waiting for room into the queue, in order, while they fit."""
+        """Move entries waiting for room into the queue, in order, while they fit."""
         overflow = self._overflow
         if not overflow:
             return
         queue = self._queue
         max_queue = cast(int, self._max_queue)
-        while overflow and queue.rows + overflow[0].undispatched <= max_queue:
-            queue.push(overflow.popleft())
+        while overflow:
+            entry = overflow[0]
+            if future_of(entry).done():
+                overflow.popleft()
+                self._note_dead_parked(entry)
+                continue
+            if queue.rows + rows_of(entry) > max_queue:
+                break
+            overflow.popleft()
+            if type(entry) is Request:
+                entry.parked = False
+            queue.push(entry)
         if queue.rows >= self._wake_at_rows:
             self._wake()
+
+    def _set_deadline(self, req: Request, timeout: float, now: float) -> None:
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        req.timeout = timeout
+        req.deadline = now + timeout
+        req.timer = loop.call_at(req.deadline, self._expire, req)
+
+    def _expire(self, req: Request) -> None:
+        """A request's deadline passed (its timer fired, or a batch was forming without it)."""
+        fut = req.future
+        if fut.done():
+            if fut.cancelled() and not req.counted:
+                self._drop_queued(req)
+                req.counted = True
+                self._stats.cancelled += 1
+            return
+        dispatched = req.undispatched < req.rows
+        fut.set_exception(RequestTimeoutError(req.timeout, dispatched=dispatched))
+        req.counted = True
+        self._stats.timed_out += 1
+        self._drop_queued(req)
+
+    def _drop_queued(self, req: Request) -> None:
+        """Forget the rows of ``req`` still waiting, in the queue or parked for room."""
+        if req.timer is not None:
+            req.timer.cancel()
+        if req.parked:
+            self._overflow.remove(req)
+            req.parked = False
+            req.undispatched = 0
+        elif req.undispatched:
+            self._queue.discard(req)
+        self._admit_overflow()
+
+    def _fail_owner(self, owner: asyncio.Future[Any] | Request, exc: BaseException) -> None:
+        """Fail one request of a finished batch (or note that its caller had cancelled)."""
+        if type(owner) is Request:
+            fut = owner.future
+            if not fut.done():
+                fut.set_exception(exc)
+                self._stats.failed += 1
+                owner.counted = True
+                self._drop_queued(owner)
+            elif fut.cancelled() and not owner.counted:
+                owner.counted = True
+                self._stats.cancelled += 1
+                self._drop_queued(owner)
+            return
+        fut = cast("asyncio.Future[Any]", owner)
+        if not fut.done():
+            fut.set_exception(exc)
+            self._stats.failed += 1
+        elif fut.cancelled():
+            self._stats.cancelled += 1
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail every request not yet dispatched (close with cancel_pending, or a dead executor)."""
+        parked = list(self._overflow)
+        self._overflow.clear()
+        for entry in (*self._queue.drain(), *parked):
+            fut = future_of(entry)
+            if type(entry) is Request:
+                entry.parked = False
+                entry.undispatched = 0
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                if fut.done():
+                    if fut.cancelled() and not entry.counted:
+                        entry.counted = True
+                        self._stats.cancelled += 1
+                    continue
+                entry.counted = True
+            elif fut.done():
+                self._stats.cancelled += 1
+                continue
+            fut.set_exception(exc)
+            self._stats.failed += 1
 
     # -- the executor ----------------------------------------------------------------------------
 
@@ -410,6 +519,10 @@ class Batcher(Generic[InT, OutT]):
         queue = self._queue
         decide = self._policy.decide
         while True:
+            if self._overflow:
+                self._admit_overflow()
+            # First drop cancelled entries at the front, so the row count below is current.
+            oldest = queue.oldest_enqueued_at()
             if self._closed and not queue.rows and not self._overflow:
                 return
             now = loop.time()
@@ -417,7 +530,7 @@ class Batcher(Generic[InT, OutT]):
                 QueueState(
                     now=now,
                     queued_rows=queue.rows,
-                    oldest_enqueued_at=queue.oldest_enqueued_at() if queue.rows else None,
+                    oldest_enqueued_at=oldest,
                     free_slots=self._max_concurrent - self._in_flight,
                     closing=self._closed,
                 )
@@ -473,14 +586,22 @@ class Batcher(Generic[InT, OutT]):
         _log.error("batchio executor of %r died", self, exc_info=cause)
         self._broken = cause
         self._closed = True
+        self._open_loop = None
         broken = BatcherBrokenError(f"{self!r} executor died: {cause!r}")
         broken.__cause__ = cause
         self._fail_queued(broken)
+        # Running batches are failed now, so nobody waits; cancellations among them are counted
+        # when each batch finishes, as usual.
         for batch in self._running.values():
-            for req in batch.requests:
-                self._fail(req, broken)
+            for owner in batch.owners:
+                fut = owner.future if type(owner) is Request else owner
+                if not fut.done():  # type: ignore[union-attr]
+                    fut.set_exception(broken)  # type: ignore[union-attr]
+                    self._stats.failed += 1
+                    if type(owner) is Request:
+                        owner.counted = True
         if not self._running and self._threads is not None:
-            self._threads.shutdown(wait=False)
+            self._threads.shutdown()
 
     # -- running one batch -------------------------------------------------------------------------
 
@@ -494,12 +615,11 @@ class Batcher(Generic[InT, OutT]):
                 if self._is_async:
                     outcomes = await self._call_async(batch.inputs)
                 else:
-                    outcomes = await loop.run_in_executor(
-                        self._threads, self._call_sync, batch.inputs
-                    )
+                    threads = cast(WorkerThreads, self._threads)
+                    outcomes = await threads.run(self._call_sync, batch.inputs)
             except Exception as exc:
-                for req in batch.requests:
-                    self._fail(req, exc)
+                for owner in batch.owners:
+                    self._fail_owner(owner, exc)
             else:
                 self._deliver(batch, outcomes)
             delivered = True
@@ -513,8 +633,8 @@ class Batcher(Generic[InT, OutT]):
                 # Only a cancellation (loop shutdown) or a bug in delivery gets here: nobody may be
                 # left waiting on a batch that will never report.
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
-                for req in batch.requests:
-                    self._fail(req, broken)
+                for owner in batch.owners:
+                    self._fail_owner(owner, broken)
 
     def _call_sync(self, inputs: list[Any]) -> Sequence[Any]:
         fn = cast(Callable[[list[Any]], Any], self._fn)
@@ -541,43 +661,67 @@ class Batcher(Generic[InT, OutT]):
             return [*await self._call_async(inputs[:mid]), *await self._call_async(inputs[mid:])]
 
     def _deliver(self, batch: Batch, outcomes: Sequence[Any]) -> None:
+        """Hand each request its own slice of the outcomes (results, or errors in slots)."""
         stats = self._stats
-        if batch.offsets is None:
-            for req, out in zip(batch.requests, outcomes, strict=True):
-                if isinstance(out, BaseException):
-                    self._fail(req, out)
-                elif resolve(req, out):
-                    stats.completed += 1
+        owners = batch.owners
+        if batch.simple and not any(map(isinstance, outcomes, repeat(BaseException))):
+            # The fast path: one plain future per row and no errors in slots.
+            skipped = cancelled = 0
+            futures = cast("list[asyncio.Future[Any]]", owners)
+            for fut, out in zip(futures, outcomes, strict=True):
+                try:
+                    fut.set_result(out)
+                except asyncio.InvalidStateError:
+                    if fut.cancelled():
+                        cancelled += 1
+                    else:  # failed already (the executor died meanwhile)
+                        skipped += 1
+            stats.completed += len(owners) - cancelled - skipped
+            stats.cancelled += cancelled
             return
-        assert batch.counts is not None
         start = 0
-        for req, offset, count in zip(batch.requests, batch.offsets, batch.counts, strict=True):
+        for i, owner in enumerate(owners):
+            count = 1 if batch.simple else batch.counts[i]
             chunk = outcomes[start : start + count]
             start += count
-            if req.results is None:  # a one-row request
-                out = chunk[0]
-                if isinstance(out, BaseException):
-                    self._fail(req, out)
-                elif resolve(req, out):
-                    stats.completed += 1
-                continue
-            if req.future.done():
-                continue
             error = next((o for o in chunk if isinstance(o, BaseException)), None)
             if error is not None:
-                self._fail(req, error)
+                self._fail_owner(owner, error)
                 continue
-            req.results[offset : offset + count] = chunk
-            req.outstanding -= count
-            if req.outstanding == 0 and resolve(req, req.results):
-                stats.completed += 1
+            if type(owner) is not Request:
+                fut = cast("asyncio.Future[Any]", owner)
+                if not fut.done():
+                    fut.set_result(chunk[0])
+                    stats.completed += 1
+                elif fut.cancelled():
+                    stats.cancelled += 1
+                continue
+            req = owner
+            if req.future.done():
+                self._fail_owner(req, error or BatcherBrokenError("unreachable"))
+                continue
+            if req.results is None:
+                req.future.set_result(chunk[0])
+            else:
+                offset = batch.offsets[i]
+                req.results[offset : offset + count] = chunk
+                req.outstanding -= count
+                if req.outstanding:
+                    continue
+                req.future.set_result(req.results)
+            req.counted = True
+            if req.timer is not None:
+                req.timer.cancel()
+            stats.completed += 1
 
     # -- introspection ---------------------------------------------------------------------------
 
     def statistics(self) -> BatcherStatistics:
         """Return a frozen snapshot of this batcher's counters and timings."""
+        self._queue.purge()
+        self._purge_overflow()
         return self._stats.snapshot(
-            queue_depth=self._queue.rows + sum(r.undispatched for r in self._overflow),
+            queue_depth=self._queue.rows + sum(rows_of(e) for e in self._overflow),
             in_flight=self._in_flight,
             healthy=self._broken is None,
             closed=self._closed,

@@ -55,28 +55,31 @@ class BatchedFunction(Generic[InT, OutT]):
         """Return the running loop's batcher, starting one if this loop has none (or it closed)."""
         loop = asyncio.get_running_loop()
         b = self._batchers.get(loop)
-        if b is None or b.closed:
-            for old in [lp for lp in self._batchers if lp.is_closed()]:
-                del self._batchers[old]
-            b = Batcher(self._fn, **self._options)
-            b._start()
-            self._batchers[loop] = b
+        if b is not None and not b.closed:
+            return b
+        for old in [lp for lp in self._batchers if lp.is_closed()]:
+            del self._batchers[old]
+        b = Batcher(self._fn, **self._options)
+        b._start()
+        self._batchers[loop] = b
         return b
 
-    async def __call__(self, item: InT, *, timeout: float | None = None) -> OutT:
-        """Submit one item; see :meth:`batchio.Batcher.submit`. ``timeout=None`` here means the
-        default given to the decorator."""
-        b = self.batcher()
-        if timeout is None:
-            return await b(item)
-        return await b(item, timeout=timeout)
+    def __call__(self, item: InT, *, timeout: float | None = None) -> asyncio.Future[OutT]:
+        """Submit one item; await the result. See :meth:`batchio.Batcher.__call__`.
 
-    async def map(self, items: Iterable[InT], *, timeout: float | None = None) -> list[OutT]:
-        """Submit several items as one request; see :meth:`batchio.Batcher.map`."""
-        b = self.batcher()
+        ``timeout=None`` here means the default given to the decorator.
+        """
         if timeout is None:
-            return await b.map(items)
-        return await b.map(items, timeout=timeout)
+            return self.batcher()(item)
+        return self.batcher()(item, timeout=timeout)
+
+    def map(
+        self, items: Iterable[InT], *, timeout: float | None = None
+    ) -> asyncio.Future[list[OutT]]:
+        """Submit several items as one request; see :meth:`batchio.Batcher.map`."""
+        if timeout is None:
+            return self.batcher().map(items)
+        return self.batcher().map(items, timeout=timeout)
 
     def statistics(self) -> BatcherStatistics:
         """Statistics of the running loop's batcher."""

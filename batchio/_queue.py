@@ -1,38 +1,43 @@
-"""Request slots and the FIFO request queue.
+"""Queue entries, batches and the FIFO request queue.
 
-A request is one ``await batcher(item)`` (one row) or one ``await batcher.map(items)`` (k rows). Its
-future is completed at most once: every completion goes through :func:`resolve` or :func:`fail`,
-which do nothing when the future is already done (cancelled by its caller, timed out, or failed).
+Every request is an exact ``asyncio.Future`` the caller awaits (asyncio's C task steps fastest on
+exact futures). A plain one-row request without a deadline is queued as a ``(future, item,
+enqueued_at)`` tuple: nothing else to allocate. A request that needs bookkeeping (a ``map`` of
+several rows, or one with a deadline) is queued as a :class:`Request`.
 
-The queue removes dead requests lazily: a request that dies while queued has its undispatched rows
-subtracted from the count at once (so sizes and backpressure stay exact) and is skipped when it
-reaches the front. A ``map`` request larger than the room left in a batch is split: its first rows go
-into this batch and the rest stay at the front of the queue, so FIFO order holds.
+Cancellation is lazy, so the hot path pays nothing for it: a caller's cancellation cancels its
+future, and the queue notices when the entry reaches the front (it is skipped, never dispatched)
+or when something needs exact counts (:meth:`RequestQueue.purge`, run before rejecting a request,
+parking one, or taking statistics). Each dead entry is counted exactly once, when it is dropped.
+
+A ``map`` request larger than the room left in a batch is split: its first rows go into this
+batch and the rest stay at the front of the queue, so FIFO order holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Final
+from typing import Any, TypeAlias
+
+from ._stats import StatsRecorder
 
 __all__: list[str] = []
 
-_SINGLE: Final = -1  # Request.offset for a one-row request (it has no items list)
-
 
 class Request:
-    """One caller's request: its inputs, its future and its bookkeeping."""
+    """A queued request that needs more than a tuple: several rows, or a deadline."""
 
     __slots__ = (
+        "counted",
         "deadline",
-        "dispatched",
         "enqueued_at",
         "future",
         "item",
         "items",
         "offset",
         "outstanding",
+        "parked",
         "results",
         "timeout",
         "timer",
@@ -40,159 +45,189 @@ class Request:
     )
 
     def __init__(
-        self,
-        future: asyncio.Future[Any],
-        item: Any,
-        items: list[Any] | None,
-        enqueued_at: float,
+        self, future: asyncio.Future[Any], item: Any, items: list[Any] | None, now: float
     ) -> None:
         self.future = future
         self.item = item
-        self.items = items
-        self.enqueued_at = enqueued_at
+        self.items = items  # None for a one-row request
+        self.enqueued_at = now
         rows = 1 if items is None else len(items)
-        self.undispatched = rows  # rows still in the queue
+        self.undispatched = rows  # rows still queued; 0 once all dispatched or dropped
         self.outstanding = rows  # rows whose results have not come back
-        self.offset = _SINGLE if items is None else 0  # next row of `items` to dispatch
+        self.offset = 0  # next row of `items` to dispatch
         self.results: list[Any] | None = None if items is None else [None] * rows
-        self.dispatched = False
         self.deadline: float | None = None
-        self.timeout: float | None = None
+        self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.parked = False  # waiting for room (when_full="wait"), not yet in the queue
+        self.counted = False  # its outcome has been counted in the statistics
 
     @property
     def rows(self) -> int:
         return 1 if self.items is None else len(self.items)
 
 
-def resolve(request: Request, value: Any) -> bool:
-    """Complete ``request`` with ``value``; return False if it was already done."""
-    fut = request.future
-    if fut.done():
-        return False
-    fut.set_result(value)
-    if request.timer is not None:
-        request.timer.cancel()
-    return True
+Entry: TypeAlias = "tuple[asyncio.Future[Any], Any, float] | Request"
 
 
-def fail(request: Request, exc: BaseException) -> bool:
-    """Fail ``request`` with ``exc``; return False if it was already done."""
-    fut = request.future
-    if fut.done():
-        return False
-    fut.set_exception(exc)
-    if request.timer is not None:
-        request.timer.cancel()
-    return True
+def future_of(entry: Entry) -> asyncio.Future[Any]:
+    return entry[0] if type(entry) is tuple else entry.future  # type: ignore[union-attr]
+
+
+def rows_of(entry: Entry) -> int:
+    return 1 if type(entry) is tuple else entry.undispatched  # type: ignore[union-attr]
 
 
 class Batch:
-    """The inputs of one batch and where each row's output goes back to.
+    """The inputs of one batch and whose they are.
 
-    ``requests[i]`` owns the rows ``[starts[i], starts[i] + counts[i])`` of the batch, and those are
-    its rows ``[offsets[i], offsets[i] + counts[i])``. When every segment is a one-row request,
-    ``offsets`` is ``None`` and ``requests`` lines up with ``inputs`` one to one (the fast path).
+    ``owners[i]`` owns ``counts[i]`` consecutive rows of ``inputs`` (its rows starting at
+    ``offsets[i]``). When every owner is a plain one-row future, ``simple`` is true and ``owners``
+    lines up with ``inputs`` one to one (the fast path).
     """
 
-    __slots__ = ("counts", "inputs", "offsets", "requests")
+    __slots__ = ("counts", "inputs", "offsets", "owners", "simple")
 
     def __init__(self) -> None:
         self.inputs: list[Any] = []
-        self.requests: list[Request] = []
-        self.offsets: list[int] | None = None
-        self.counts: list[int] | None = None
+        self.owners: list[asyncio.Future[Any] | Request] = []
+        self.counts: list[int] = []
+        self.offsets: list[int] = []
+        self.simple = True
 
     def __len__(self) -> int:
         return len(self.inputs)
 
 
 class RequestQueue:
-    """A FIFO of requests that counts live, undispatched rows exactly."""
+    """A FIFO of entries and the count of their queued rows (dead entries count until dropped)."""
 
-    __slots__ = ("_dq", "rows")
+    __slots__ = ("dq", "rows", "stats")
 
-    def __init__(self) -> None:
-        self._dq: deque[Request] = deque()
+    def __init__(self, stats: StatsRecorder) -> None:
+        self.dq: deque[Entry] = deque()
         self.rows = 0
+        self.stats = stats
 
-    def push(self, request: Request) -> None:
-        self._dq.append(request)
-        self.rows += request.undispatched
+    def push(self, entry: Entry) -> None:
+        self.dq.append(entry)
+        self.rows += rows_of(entry)
+
+    def note_cancelled(self, request: Request) -> None:
+        """Count a cancelled ``Request`` once, and drop whatever of it is still queued."""
+        self.rows -= request.undispatched
+        request.undispatched = 0
+        if not request.counted:
+            request.counted = True
+            self.stats.cancelled += 1
 
     def discard(self, request: Request) -> None:
-        """Forget a request that died while (part of it was) queued; safe to call at any time."""
+        """Forget the queued rows of a request that was failed while queued."""
         self.rows -= request.undispatched
         request.undispatched = 0
 
-    def oldest_enqueued_at(self) -> float | None:
-        dq = self._dq
-        while dq and dq[0].undispatched == 0:
-            dq.popleft()
-        return dq[0].enqueued_at if dq else None
+    def purge(self) -> None:
+        """Drop dead entries now, so ``rows`` is exact (O(queue); not on the hot path)."""
+        live: deque[Entry] = deque()
+        for entry in self.dq:
+            if type(entry) is tuple:
+                if entry[0].done():
+                    self.rows -= 1
+                    self.stats.cancelled += 1
+                    continue
+            elif entry.undispatched == 0:  # type: ignore[union-attr]
+                continue
+            elif entry.future.done():  # type: ignore[union-attr]
+                self.note_cancelled(entry)  # type: ignore[arg-type]
+                continue
+            live.append(entry)
+        self.dq = live
 
-    def drain(self) -> list[Request]:
-        """Remove and return every live queued request."""
-        live = [r for r in self._dq if r.undispatched]
-        for r in live:
-            self.discard(r)
-        self._dq.clear()
-        return live
+    def oldest_enqueued_at(self) -> float | None:
+        """Arrival time of the oldest live entry (dead entries at the front are dropped)."""
+        dq = self.dq
+        while dq:
+            entry = dq[0]
+            if type(entry) is tuple:
+                if not entry[0].done():
+                    return entry[2]
+                self.rows -= 1
+                self.stats.cancelled += 1
+            elif entry.undispatched and not entry.future.done():  # type: ignore[union-attr]
+                return entry.enqueued_at  # type: ignore[union-attr]
+            elif entry.undispatched:  # type: ignore[union-attr]
+                self.note_cancelled(entry)  # type: ignore[arg-type]
+            dq.popleft()
+        return None
+
+    def drain(self) -> list[Entry]:
+        """Remove and return every live entry."""
+        self.purge()
+        entries = list(self.dq)
+        self.dq.clear()
+        self.rows = 0
+        return entries
 
     def take(self, max_rows: int, now: float) -> tuple[Batch, list[Request], list[float]]:
-        """Pop up to ``max_rows`` rows from the front.
+        """Pop up to ``max_rows`` live rows from the front.
 
-        Returns the batch, the requests whose deadline had already passed (not dispatched; the
-        caller fails them), and the queue wait of each request that entered the batch.
+        Returns the batch, the requests whose deadline had already passed (popped but not
+        dispatched: the caller fails them and discards their rows), and the queue wait of each
+        request that entered the batch.
         """
         batch = Batch()
         inputs = batch.inputs
-        requests = batch.requests
+        owners = batch.owners
         expired: list[Request] = []
         waits: list[float] = []
-        dq = self._dq
+        dq = self.dq
+        popleft = dq.popleft
         room = max_rows
+        dropped = 0  # tuple entries found cancelled
         while room and dq:
-            req = dq[0]
-            if req.undispatched == 0:
-                dq.popleft()
+            entry = popleft()
+            if type(entry) is tuple:
+                fut, item, t = entry
+                if fut.done():
+                    dropped += 1
+                    continue
+                inputs.append(item)
+                owners.append(fut)
+                waits.append(now - t)
+                room -= 1
+                if not batch.simple:
+                    batch.counts.append(1)
+                    batch.offsets.append(0)
+                continue
+            req: Request = entry  # type: ignore[assignment]
+            if not req.undispatched:
+                continue
+            if req.future.done():
+                self.note_cancelled(req)
                 continue
             if req.deadline is not None and req.deadline <= now:
-                dq.popleft()
-                self.discard(req)
                 expired.append(req)
                 continue
-            if not req.dispatched:
-                req.dispatched = True
-                waits.append(now - req.enqueued_at)
-            if req.offset == _SINGLE:
-                dq.popleft()
-                req.undispatched = 0
-                self.rows -= 1
-                inputs.append(req.item)
-                requests.append(req)
-                if batch.offsets is not None:
-                    assert batch.counts is not None
-                    batch.offsets.append(0)
-                    batch.counts.append(1)
-                room -= 1
-                continue
-            # A multi-row request: take as many of its rows as fit.
-            if batch.offsets is None:
-                batch.offsets = [0] * len(requests)
-                batch.counts = [1] * len(requests)
-            assert batch.counts is not None
-            assert req.items is not None
-            n = min(room, req.undispatched)
+            if batch.simple:
+                batch.simple = False
+                batch.counts = [1] * len(owners)
+                batch.offsets = [0] * len(owners)
             start = req.offset
-            inputs.extend(req.items[start : start + n])
-            requests.append(req)
-            batch.offsets.append(start)
+            if start == 0:
+                waits.append(now - req.enqueued_at)
+            n = min(room, req.undispatched)
+            if req.items is None:
+                inputs.append(req.item)
+            else:
+                inputs.extend(req.items[start : start + n])
+            owners.append(req)
             batch.counts.append(n)
+            batch.offsets.append(start)
             req.offset = start + n
             req.undispatched -= n
-            self.rows -= n
             room -= n
-            if req.undispatched == 0:
-                dq.popleft()
+            if req.undispatched:
+                dq.appendleft(req)  # the rest of a split map request stays at the front
+        self.rows -= max_rows - room + dropped
+        self.stats.cancelled += dropped
         return batch, expired, waits

@@ -30,7 +30,7 @@ async def test_cancelled_while_queued_never_reaches_fn() -> None:
     async with Batcher(fn, max_batch_size=2, max_wait=0) as b:
         blocker = asyncio.ensure_future(b(0))
         await fn.wait_entered(1)
-        victim = asyncio.ensure_future(b(1))
+        victim = asyncio.ensure_future(b.submit(1))
         survivors = [asyncio.ensure_future(b(i)) for i in (2, 3)]
         await wait_all_tasks_blocked()
         victim.cancel()
@@ -48,7 +48,7 @@ async def test_cancelled_while_queued_never_reaches_fn() -> None:
 async def test_cancelled_while_running_leaves_batch_and_executor_unharmed() -> None:
     fn = GatedBatchFn(double, gated=True)
     async with Batcher(fn, max_batch_size=3, max_wait=HOUR) as b:
-        tasks = [asyncio.ensure_future(b(i)) for i in range(3)]
+        tasks = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
         await fn.wait_entered(1)
         tasks[1].cancel()
         await wait_all_tasks_blocked()
@@ -77,7 +77,7 @@ async def test_cancelled_exactly_at_delivery() -> None:
         return [2 * x for x in items]
 
     async with Batcher(fn, max_batch_size=2, max_wait=HOUR) as b:
-        victim = asyncio.ensure_future(b(1))
+        victim = asyncio.ensure_future(b.submit(1))
         other = asyncio.ensure_future(b(2))
         with pytest.raises(asyncio.CancelledError):
             await victim
@@ -90,7 +90,11 @@ async def test_cancelled_exactly_at_delivery() -> None:
 async def test_cancelled_map_drops_its_queued_rows() -> None:
     fn = GatedBatchFn(double, gated=True)
     async with Batcher(fn, max_batch_size=2, max_wait=0) as b:
-        big = asyncio.ensure_future(b.map(range(10, 16)))
+
+        async def caller() -> list[int]:
+            return await b.map(range(10, 16))
+
+        big = asyncio.ensure_future(caller())
         await fn.wait_entered(1)
         await wait_all_tasks_blocked()
         assert b.statistics().queue_depth == 4
@@ -149,7 +153,7 @@ async def test_cancelling_aclose_fails_queued_requests_instead_of_leaving_them()
     fn = GatedBatchFn(double, gated=True)
     b = Batcher(fn, max_batch_size=1, max_wait=0)
     async with b:
-        tasks = [asyncio.ensure_future(b(i)) for i in range(3)]
+        tasks = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
         await fn.wait_entered(1)
         await wait_all_tasks_blocked()
         with anyio.move_on_after(0.001):
@@ -160,3 +164,21 @@ async def test_cancelling_aclose_fails_queued_requests_instead_of_leaving_them()
         fn.open()
     assert tasks[0].result() == 0
     assert b.statistics().pending == 0
+
+
+async def test_close_with_only_cancelled_requests_queued_does_not_hang() -> None:
+    """Regression: the executor once counted cancelled entries as queued rows, found no oldest
+    request, and went back to sleep after close instead of exiting."""
+    fn = GatedBatchFn(double)
+    b = Batcher(fn, max_batch_size=8, max_wait=HOUR)
+    async with b:
+        callers = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
+        await wait_all_tasks_blocked()
+        for c in callers:
+            c.cancel()
+        await wait_all_tasks_blocked()
+        with anyio.fail_after(5):
+            await b.aclose()
+    assert fn.calls == 0
+    stats = b.statistics()
+    assert (stats.cancelled, stats.pending, stats.queue_depth) == (3, 0, 0)

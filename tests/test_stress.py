@@ -187,17 +187,18 @@ def test_every_request_resolves_exactly_once_with_its_own_outcome(
     isolate: bool,
     use_async: bool,
 ) -> None:
+    scenario = run_scenario(
+        asks,
+        max_batch_size=max_batch_size,
+        max_wait=max_wait,
+        concurrent=concurrent,
+        isolate=isolate,
+        use_async=use_async,
+    )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(
-            run_scenario(
-                asks,
-                max_batch_size=max_batch_size,
-                max_wait=max_wait,
-                concurrent=concurrent,
-                isolate=isolate,
-                use_async=use_async,
-            )
-        )
+        # A hang must fail this example fast (hypothesis re-runs failing examples to shrink them,
+        # so a per-test timeout alone would multiply).
+        runner.run(asyncio.wait_for(scenario, 20))
 
 
 @pytest.mark.slow
