@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from itertools import repeat
@@ -107,6 +108,7 @@ class Batcher(Generic[InT, OutT]):
     __slots__ = (
         "__weakref__",
         "_broken",
+        "_clock",
         "_closed",
         "_default_timeout",
         "_executor_task",
@@ -166,6 +168,7 @@ class Batcher(Generic[InT, OutT]):
         self._isolate = isolate_errors
         self._name = name or getattr(fn, "__qualname__", None) or type(fn).__name__
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = time.monotonic
         # The loop while the batcher accepts requests; None before start, once closed or broken.
         self._open_loop: asyncio.AbstractEventLoop | None = None
         self._stats = StatsRecorder()
@@ -211,6 +214,10 @@ class Batcher(Generic[InT, OutT]):
         if self._executor_task is not None or self._closed:
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._loop = self._open_loop = loop = asyncio.get_running_loop()
+        # asyncio's own loops define time() as time.monotonic(): calling that C function directly
+        # reads the same clock (so call_at deadlines agree) without a Python frame per request.
+        base_time = asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if type(loop).time is base_time else loop.time
         if not self._is_async:
             self._threads = WorkerThreads(self._max_concurrent, f"batchio-{self._name}")
         self._executor_task = task = loop.create_task(
@@ -293,7 +300,7 @@ class Batcher(Generic[InT, OutT]):
         if loop is None or _running_loop() is not loop:
             self._refuse()
         fut = loop.create_future()
-        now = loop.time()
+        now = self._clock()
         t = self._default_timeout if timeout is _DEFAULT else timeout
         entry: Entry = (fut, item, now) if t is None else Request(fut, item, None, now)
         queue = self._queue
