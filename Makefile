@@ -22,8 +22,8 @@ demo: $(VENV)/.installed
 	$(PY) -m batchio demo $(ARGS)
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check batchio tests bench
-	$(PY) -m ruff format --check batchio tests bench
+	$(PY) -m ruff check batchio tests bench examples
+	$(PY) -m ruff format --check batchio tests bench examples
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
