@@ -9,6 +9,7 @@ row still gets its result.
 
 from __future__ import annotations
 
+import itertools
 import traceback
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeAlias
@@ -39,7 +40,8 @@ class BatchForward:
             with ``device``, moved there.
         collator: how rows are padded and stacked (default: right padding, Hugging Face pad
             values, attention mask built when missing).
-        device: where the model runs; see :class:`Placement`.
+        device: where the model runs; see :class:`Placement`. ``None``: where the module's
+            parameters are, when they are not on the CPU (inputs are moved there).
         output_device: where results are returned; ``None`` keeps them on ``device``.
         max_batch_tokens: the most padded tokens (longest row x rows) per forward pass. The rows
             of a batch are sorted by length and run in micro-batches under this budget, which
@@ -64,6 +66,8 @@ class BatchForward:
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+        if device is None and isinstance(model, torch.nn.Module):
+            device = _module_device(model)
         self.placement = Placement(device, output_device)
         if isinstance(model, torch.nn.Module):
             model.eval()
@@ -131,3 +135,11 @@ class BatchForward:
             padding_side=batch.padding_side,
             strip_padding=self.strip_padding,
         )
+
+
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer, or None when it is on the CPU."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if tensor is None or tensor.device.type == "cpu":
+        return None
+    return tensor.device

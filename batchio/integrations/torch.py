@@ -93,9 +93,9 @@ class BatchedModule:
 
     Args:
         model: a ``torch.nn.Module`` or any callable (see :class:`BatchForward`).
-        device: where the model runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` leaves the
-            model and inputs where they are. On CUDA, inputs are pinned and copied asynchronously
-            and the work runs on a stream this worker owns.
+        device: where the model runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None``: where the
+            module's parameters are. On CUDA, inputs are pinned and copied asynchronously and the
+            work runs on a stream this worker owns.
         output_device: where results are returned (default ``"cpu"``); ``None`` keeps them on
             ``device``.
         padding_side, pad_values, attention_mask, position_ids: how rows are padded; see

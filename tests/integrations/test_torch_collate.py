@@ -235,6 +235,15 @@ def test_micro_batches_bounded_sorted_and_back_in_order(side: Any) -> None:
         assert out["total"].item() == n * (n + 1) // 2
 
 
+def test_device_defaults_to_where_the_module_is() -> None:
+    """Without device=, inputs follow the module's parameters (meta stands in for a GPU here)."""
+    assert BatchForward(torch.nn.Linear(2, 2, device="meta")).placement.device == torch.device(
+        "meta"
+    )
+    assert BatchForward(torch.nn.Linear(2, 2)).placement.device is None
+    assert BatchForward(torch.nn.ReLU()).placement.device is None
+
+
 def test_module_put_in_eval_mode() -> None:
     module = torch.nn.Dropout(p=0.5).train()
     BatchForward(module)
