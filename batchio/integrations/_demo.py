@@ -67,7 +67,6 @@ _WORDS = [
     "network",
     "memory",
     "engine",
-    "window",
     "cloud",
     "storm",
     "quiet",
