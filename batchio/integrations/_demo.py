@@ -169,6 +169,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if run is None:
         print("--uvloop needs uvloop: pip install 'batchio[uvloop]'", file=sys.stderr)
         return 2
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        print(f"--device: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: this torch build sees no CUDA device", file=sys.stderr)
+        return 2
     found = _model_path(args)
     if found is None:
         return 2

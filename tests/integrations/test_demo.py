@@ -61,6 +61,19 @@ def test_missing_dependency_explains_and_exits_2(
     assert "pip install 'batchio[demo]'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device", ["cuda:0", "not-a-device"])
+def test_unusable_device_explains_and_exits_2(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    pytest.importorskip("rich")
+    pytest.importorskip("transformers")
+    assert main(["demo", "--device", device]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
 def test_bad_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["demo", "--concurrency", "0"])
