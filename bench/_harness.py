@@ -286,7 +286,7 @@ class OpenLoopResult:
     requests: int
     completed: int
     failed: int
-    elapsed: float  # first arrival to last completion
+    elapsed: float  # first arrival to the last completion or the last arrival, whichever is later
     latencies: list[float] = field(default_factory=list)  # completed requests only, seconds
     slo: float = 0.0
 
@@ -361,7 +361,7 @@ async def open_loop(
         requests=requests,
         completed=len(lat),
         failed=failed,
-        elapsed=max(last_done[0] - start, 1e-9),
+        elapsed=max(last_done[0] - start, arrival_window),
         latencies=lat,
         slo=slo,
     )
