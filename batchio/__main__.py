@@ -73,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
             "this budget (default: 512, good on a CPU; raise it on a GPU)"
         ),
     )
+    demo.add_argument(
+        "--sequential-budget",
+        type=_non_negative_float,
+        default=10.0,
+        help="seconds at most for the one-at-a-time baseline, measured on the requests it gets "
+        "through (default: 10)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default: one less than the CPU cores, at least 1: the "
+        "event loop keeps a core, and torch's threads do not stall waiting for a busy one)",
+    )
     demo.add_argument("--uvloop", action="store_true", help="run the event loop on uvloop")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic sentences")
     return parser
