@@ -220,9 +220,10 @@ def run_demo(args: argparse.Namespace) -> int:
     n = len(texts)
     sequential_rps, batched_rps = sequential_n / sequential_s, n / batched_s
     latency = Percentiles.of(latencies)
+    threads = torch.get_num_threads()
     table = Table(
-        title=f"batchio demo: {label}, {args.device}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
+        title=f"batchio demo: {label}, {args.device}, torch {torch.__version__}, "
+        f"{threads} thread{'s' if threads != 1 else ''}"
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
