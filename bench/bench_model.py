@@ -312,11 +312,15 @@ def main(argv: list[str] | None = None) -> None:
             sequential_sentences=a.sequential_sentences, repeats=a.repeats, progress=progress,
         )  # fmt: skip
         ceiling = base[0]["sentences_per_s"]["median"]
+        arrival = base[1]["sentences_per_s"]["median"]
         closed = run_closed(
             contenders, embedder, sentences, spec=spec, loops=loops, loops_for=None,
             concurrencies=concs, per_client=a.per_client, minimum=a.min_requests,
             repeats=a.repeats, progress=progress, skipped=skipped, ceiling=ceiling,
         )  # fmt: skip
+        for r in closed:
+            if "sentences_per_s" in r:
+                r["ratio_to_arrival_ceiling"] = r["sentences_per_s"]["median"] / arrival
         idle = run_idle(
             contenders, embedder, sentences, spec=spec, loops=loops, loops_for=None,
             requests=a.idle_requests, repeats=a.repeats, progress=progress, skipped=skipped,

@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,10 +29,12 @@ from ._harness import (
     BatchSpec,
     LoopName,
     Progress,
+    closed_loop,
     fmt_range,
     loop_available,
     machine_info,
     print_table,
+    run_on_loop,
     write_json,
 )
 from ._workloads import NOOPS, overhead_once, run_configs
@@ -122,6 +125,40 @@ def _profile(spec: BatchSpec, requests: int, concurrency: int, loop: LoopName, k
     print(out.getvalue())
 
 
+def _cpu_accounting(
+    contenders: list[Contender], spec: BatchSpec, requests: int, concurrency: int,
+    loop: LoopName, kinds: list[str],
+) -> None:  # fmt: skip
+    """Wall time vs CPU time of the loop thread per request: busy (CPU-bound) or waiting?"""
+
+    def once(c: Contender, fn: Any) -> tuple[float, float, float]:
+        async def main() -> tuple[float, float, float]:
+            async with c.open(fn, spec) as call:
+                w0, p0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+                await closed_loop(call, range(requests), concurrency=concurrency, requests=requests)
+                return (
+                    time.perf_counter() - w0, time.process_time() - p0, time.thread_time() - t0
+                )  # fmt: skip
+
+        return run_on_loop(loop, main)
+
+    rows = []
+    for c in contenders:
+        for kind in kinds:
+            fn = NOOPS[kind]
+            if not c.supports(fn) or c.unavailable():
+                continue
+            wall, proc, thread = once(c, fn)
+            us = 1e6 / requests
+            rows.append([
+                c.name, kind, f"{wall * us:.2f}", f"{proc * us:.2f}", f"{thread * us:.2f}",
+                f"{max(0.0, 1 - thread / wall):.0%}",
+            ])  # fmt: skip
+    headers = ["contender", "fn", "wall µs/req", "process CPU µs/req", "loop-thread CPU µs/req",
+               "loop idle"]  # fmt: skip
+    print_table(f"CPU accounting ({loop}, {requests:,} requests, 1 run each)", headers, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--requests", type=int, default=200_000)
@@ -134,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contenders", default="floor,batchio")
     p.add_argument("--json", type=Path, default=ROOT / "bench/results/overhead.json")
     p.add_argument("--profile", action="store_true", help="cProfile one batchio run and exit")
+    p.add_argument(
+        "--cpu", action="store_true",
+        help="print wall vs loop-thread CPU time per request for each contender and exit",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     spec = BatchSpec(a.max_batch_size, a.max_wait)
@@ -145,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         _profile(spec, a.requests, a.concurrency, loops[0], kinds[0])
         return
     contenders = by_name(a.contenders)
+    if a.cpu:
+        _cpu_accounting(contenders, spec, a.requests, a.concurrency, loops[0], kinds)
+        return
     total = a.repeats * len(contenders) * len(loops) * len(kinds)
     progress = Progress(total, enabled=not a.quiet, description="overhead")
     skipped: dict[str, str] = {}

@@ -80,7 +80,7 @@ def baselines_md(rows: list[dict[str, Any]]) -> str:
     return _table(["baseline", "sentences/s", "p50 ms", "p99 ms"], body)
 
 
-def closed_md(rows: list[dict[str, Any]]) -> str:
+def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) -> str:
     body = []
     for r in rows:
         head = [r["contender"], r["loop"], str(r["concurrency"])]
@@ -88,6 +88,8 @@ def closed_md(rows: list[dict[str, Any]]) -> str:
             body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
             continue
         arrival = r.get("ratio_to_arrival_ceiling")
+        if arrival is None and arrival_ceiling:
+            arrival = r["sentences_per_s"]["median"] / arrival_ceiling
         body.append([
             *head, _r(r["sentences_per_s"], ".1f"), f"{r['ratio_to_ceiling']:.2f}",
             f"{arrival:.2f}" if arrival is not None else "",
@@ -172,7 +174,12 @@ def render(res: dict[str, Any]) -> str:
     if kind in ("model", "suite"):
         parts.append(baselines_md(res["baselines"]))
         if res.get("closed"):
-            parts.append(closed_md(res["closed"]))
+            arrival = next(
+                (b["sentences_per_s"]["median"] for b in res["baselines"]
+                 if b["key"] == "ceiling (arrival order)" and "sentences_per_s" in b),
+                None,
+            )  # fmt: skip
+            parts.append(closed_md(res["closed"], arrival))
         if res.get("open"):
             parts.append(f"Goodput SLO: {res['slo_s'] * 1000:.0f} ms.\n\n" + open_md(res["open"]))
         if res.get("idle"):
