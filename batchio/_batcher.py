@@ -29,7 +29,7 @@ from ._exceptions import (
 from ._policy import BatchPolicy, Dispatch, MaxSizeOrWait, QueueState
 from ._queue import Batch, Entry, Request, RequestQueue, future_of, rows_of
 from ._stats import BatcherStatistics, StatsRecorder
-from ._worker import WorkerThreads
+from ._worker import WorkerThreads, settleable
 
 __all__ = ["AsyncBatchFn", "Batcher", "SyncBatchFn"]
 
@@ -60,6 +60,11 @@ def _is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - callable objects with an async __call__
     )
+
+
+def _check_timeout(timeout: object) -> None:
+    if not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, or None; got {timeout!r}")
 
 
 def _as_outputs(out: Any, expected: int) -> Sequence[Any]:
@@ -154,8 +159,8 @@ class Batcher(Generic[InT, OutT]):
             raise ValueError(f"max_queue_size must be >= 1 or None, got {max_queue_size}")
         if when_full not in ("reject", "wait"):
             raise ValueError(f'when_full must be "reject" or "wait", got {when_full!r}')
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
+        if timeout is not None:
+            _check_timeout(timeout)
         self._fn = fn
         self._is_async = _is_async_callable(fn)
         self._policy: BatchPolicy = (
@@ -261,15 +266,28 @@ class Batcher(Generic[InT, OutT]):
         task = self._executor_task
         try:
             if task is not None and not task.done():
-                await asyncio.shield(task)
+                # Wait without taking its outcome: a crash was already delivered to every
+                # pending request as BatcherBrokenError, and is not this caller's error.
+                await asyncio.shield(asyncio.wait([task]))
             while self._running:
-                await asyncio.shield(asyncio.gather(*self._running, return_exceptions=True))
+                await asyncio.shield(asyncio.wait(list(self._running)))
         except asyncio.CancelledError:
             self._fail_queued(BatcherClosedError(f"{self!r} closing was cancelled"))
             raise
         finally:
-            if not self._running and self._threads is not None:
-                self._threads.shutdown()
+            self._release_threads()
+
+    def _release_threads(self) -> None:
+        """Let the worker threads exit once closed and nothing can use them any more."""
+        task = self._executor_task
+        if (
+            self._threads is not None
+            and self._closed
+            and not self._running
+            and (task is None or task.done())
+        ):
+            self._threads.shutdown()
+            self._threads = None
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -302,7 +320,11 @@ class Batcher(Generic[InT, OutT]):
         fut = loop.create_future()
         now = self._clock()
         t = self._default_timeout if timeout is _DEFAULT else timeout
-        entry: Entry = (fut, item, now) if t is None else Request(fut, item, None, now)
+        if t is None:
+            entry: Entry = (fut, item, now)
+        else:
+            _check_timeout(t)
+            entry = Request(fut, item, None, now)
         queue = self._queue
         if self._max_queue is not None and (self._overflow or queue.rows >= self._max_queue):
             self._park(entry, 1)
@@ -340,6 +362,9 @@ class Batcher(Generic[InT, OutT]):
         if loop is None or _running_loop() is not loop:
             self._refuse()
         rows = list(items)
+        t = self._default_timeout if timeout is _DEFAULT else timeout
+        if t is not None:
+            _check_timeout(t)
         fut: asyncio.Future[list[OutT]] = loop.create_future()
         now = loop.time()
         req = Request(fut, None, rows, now)
@@ -357,7 +382,6 @@ class Batcher(Generic[InT, OutT]):
             if queue.rows >= self._wake_at_rows:
                 self._wake()
         self._stats.submitted += 1
-        t = self._default_timeout if timeout is _DEFAULT else timeout
         if t is not None:
             self._set_deadline(req, cast(float, t), now)
         return fut
@@ -380,6 +404,7 @@ class Batcher(Generic[InT, OutT]):
         max_queue = cast(int, self._max_queue)
         queue.purge()
         self._purge_overflow()
+        self._admit_overflow()
         if not self._overflow and queue.rows + rows <= max_queue:
             queue.push(entry)
             if queue.rows >= self._wake_at_rows:
@@ -391,6 +416,7 @@ class Batcher(Generic[InT, OutT]):
         if type(entry) is Request:
             entry.parked = True
         self._overflow.append(entry)
+        self._wake()  # the queue is full: the policy dispatches without waiting for max_wait
 
     def _purge_overflow(self) -> None:
         overflow = self._overflow
@@ -410,6 +436,8 @@ class Batcher(Generic[InT, OutT]):
         req = cast(Request, entry)
         req.parked = False
         req.undispatched = 0
+        if req.timer is not None:
+            req.timer.cancel()
         if not req.counted and req.future.cancelled():
             req.counted = True
             self._stats.cancelled += 1
@@ -421,6 +449,7 @@ class Batcher(Generic[InT, OutT]):
             return
         queue = self._queue
         max_queue = cast(int, self._max_queue)
+        purged = False
         while overflow:
             entry = overflow[0]
             if future_of(entry).done():
@@ -428,7 +457,11 @@ class Batcher(Generic[InT, OutT]):
                 self._note_dead_parked(entry)
                 continue
             if queue.rows + rows_of(entry) > max_queue:
-                break
+                if purged:
+                    break
+                queue.purge()  # cancelled entries may be holding the room
+                purged = True
+                continue
             overflow.popleft()
             if type(entry) is Request:
                 entry.parked = False
@@ -471,6 +504,7 @@ class Batcher(Generic[InT, OutT]):
 
     def _fail_owner(self, owner: asyncio.Future[Any] | Request, exc: BaseException) -> None:
         """Fail one request of a finished batch (or note that its caller had cancelled)."""
+        exc = settleable(exc)
         if type(owner) is Request:
             fut = owner.future
             if not fut.done():
@@ -540,6 +574,8 @@ class Batcher(Generic[InT, OutT]):
                     oldest_enqueued_at=oldest,
                     free_slots=self._max_concurrent - self._in_flight,
                     closing=self._closed,
+                    queue_full=self._max_queue is not None
+                    and (queue.rows >= self._max_queue or bool(self._overflow)),
                 )
             )
             if isinstance(decision, Dispatch):
@@ -547,6 +583,8 @@ class Batcher(Generic[InT, OutT]):
                 continue
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
+            if wake_at is not None and self._max_queue is not None:
+                wake_at = min(wake_at, self._max_queue)  # a full queue is as full as it gets
             self._wake_at_rows = _INF if wake_at is None else wake_at
             timer = (
                 None if decision.deadline is None else loop.call_at(decision.deadline, self._wake)
@@ -581,16 +619,23 @@ class Batcher(Generic[InT, OutT]):
         self._running.pop(task, None)
         self._in_flight -= 1
         self._wake()
+        if self._closed:
+            self._release_threads()
 
     def _executor_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             cause: BaseException = asyncio.CancelledError("the batchio executor was cancelled")
         else:
             exc = task.exception()
-            if exc is None:
-                return  # a clean exit after close() drained the queue
+            if exc is None:  # a clean exit after close() drained the queue
+                self._release_threads()
+                return
             cause = exc
-        _log.error("batchio executor of %r died", self, exc_info=cause)
+        if isinstance(cause, asyncio.CancelledError):
+            # Typically asyncio.run() tearing down a loop that still had a batcher open.
+            _log.debug("batchio executor of %r was cancelled", self)
+        else:
+            _log.error("batchio executor of %r died", self, exc_info=cause)
         self._broken = cause
         self._closed = True
         self._open_loop = None
@@ -607,8 +652,7 @@ class Batcher(Generic[InT, OutT]):
                     self._stats.failed += 1
                     if type(owner) is Request:
                         owner.counted = True
-        if not self._running and self._threads is not None:
-            self._threads.shutdown()
+        self._release_threads()
 
     # -- running one batch -------------------------------------------------------------------------
 
@@ -648,7 +692,7 @@ class Batcher(Generic[InT, OutT]):
         if not self._isolate:
             return _as_outputs(fn(inputs), len(inputs))
         try:
-            return _as_outputs(fn(inputs), len(inputs))
+            return _as_outputs(fn(list(inputs)), len(inputs))
         except Exception as exc:
             if len(inputs) == 1:
                 return [exc]
@@ -660,7 +704,7 @@ class Batcher(Generic[InT, OutT]):
         if not self._isolate:
             return _as_outputs(await fn(inputs), len(inputs))
         try:
-            return _as_outputs(await fn(inputs), len(inputs))
+            return _as_outputs(await fn(list(inputs)), len(inputs))
         except Exception as exc:
             if len(inputs) == 1:
                 return [exc]
@@ -724,12 +768,31 @@ class Batcher(Generic[InT, OutT]):
     # -- introspection ---------------------------------------------------------------------------
 
     def statistics(self) -> BatcherStatistics:
-        """Return a frozen snapshot of this batcher's counters and timings."""
-        self._queue.purge()
-        self._purge_overflow()
+        """Return a frozen snapshot of this batcher's counters and timings.
+
+        It changes nothing, so it may be called from any thread (a metrics scraper, say).
+        Cancelled requests the batcher has not dropped yet are already counted as cancelled.
+        """
+        queued = cancelled = 0
+        # list() copies a deque atomically under the GIL; the scan below reads only the copies.
+        for entry in (*list(self._queue.dq), *list(self._overflow)):
+            if type(entry) is tuple:
+                if entry[0].done():
+                    cancelled += 1
+                else:
+                    queued += 1
+                continue
+            req = cast(Request, entry)
+            if not req.undispatched:
+                continue
+            if not req.future.done():
+                queued += req.undispatched
+            elif req.future.cancelled() and not req.counted:
+                cancelled += 1
         return self._stats.snapshot(
-            queue_depth=self._queue.rows + sum(rows_of(e) for e in self._overflow),
+            queue_depth=queued,
             in_flight=self._in_flight,
             healthy=self._broken is None,
             closed=self._closed,
+            uncounted_cancelled=cancelled,
         )

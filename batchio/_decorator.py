@@ -85,6 +85,16 @@ class BatchedFunction(Generic[InT, OutT]):
         """Statistics of the running loop's batcher."""
         return self.batcher().statistics()
 
+    def _close_all_soon(self) -> None:
+        """Stop intake of every loop's batcher; each drains and exits on its own loop."""
+        for loop, b in list(self._batchers.items()):
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(b.close)
+                except RuntimeError:  # closed meanwhile
+                    pass
+        self._batchers.clear()
+
     async def aclose(self, *, cancel_pending: bool = False) -> None:
         """Close and drain the running loop's batcher, if it has one; a later call starts anew."""
         b = self._batchers.pop(asyncio.get_running_loop(), None)
@@ -95,15 +105,15 @@ class BatchedFunction(Generic[InT, OutT]):
 class BatchedMethod(Generic[SelfT, InT, OutT]):
     """A batch method wrapped by :func:`batch`; each instance gets its own batchers.
 
-    The instance must support weak references: the wrapper does not keep instances alive.
+    Instances are told apart by identity (two equal instances never share a batcher, and
+    unhashable ones such as plain dataclasses work). They must support weak references: the
+    wrapper does not keep them alive, and when one is collected its batchers are closed.
     """
 
     def __init__(self, fn: Callable[[SelfT, list[InT]], Any], options: _Options) -> None:
         self._fn = fn
         self._options = options
-        self._bound: weakref.WeakKeyDictionary[Any, BatchedFunction[InT, OutT]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._bound: dict[int, BatchedFunction[InT, OutT]] = {}
         functools.update_wrapper(cast(Any, self), fn)
 
     @overload
@@ -115,17 +125,25 @@ class BatchedMethod(Generic[SelfT, InT, OutT]):
     ) -> BatchedFunction[InT, OutT] | BatchedMethod[SelfT, InT, OutT]:
         if instance is None:
             return self
-        try:
-            bound = self._bound.get(instance)
-        except TypeError:
-            raise TypeError(
-                f"@batchio.batch methods need instances that support weak references; "
-                f"{type(instance).__name__} does not (add '__weakref__' to its __slots__)"
-            ) from None
+        key = id(instance)
+        bound = self._bound.get(key)
         if bound is None:
-            bound = BatchedFunction(_weak_method(self._fn, instance), self._options)
-            self._bound[instance] = bound
+            try:
+                bound = BatchedFunction(_weak_method(self._fn, instance), self._options)
+                # Runs when the instance is collected, before its id can be reused.
+                weakref.finalize(instance, self._forget, key)
+            except TypeError:
+                raise TypeError(
+                    f"@batchio.batch methods need instances that support weak references; "
+                    f"{type(instance).__name__} does not (add '__weakref__' to its __slots__)"
+                ) from None
+            self._bound[key] = bound
         return bound
+
+    def _forget(self, key: int) -> None:
+        bound = self._bound.pop(key, None)
+        if bound is not None:
+            bound._close_all_soon()
 
 
 def _weak_method(fn: Callable[..., Any], instance: object) -> Callable[[list[Any]], Any]:

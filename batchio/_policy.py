@@ -24,6 +24,8 @@ class QueueState:
         oldest_enqueued_at: when the oldest queued row was submitted, or ``None`` if none is queued.
         free_slots: batches that may start now (``max_concurrent_batches`` minus those in flight).
         closing: the batcher no longer accepts requests and is draining its queue.
+        queue_full: the queue holds ``max_queue_size`` rows (or requests wait for room), so the
+            batch cannot grow by waiting.
     """
 
     now: float
@@ -31,6 +33,7 @@ class QueueState:
     oldest_enqueued_at: float | None
     free_slots: int
     closing: bool
+    queue_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,8 @@ class MaxSizeOrWait:
     waited ``max_wait`` seconds, whichever comes first.
 
     While every batch slot is busy it waits for a batch to finish, and the next batch then forms
-    from the backlog at once. While closing, it dispatches whatever is queued without waiting.
+    from the backlog at once. While closing, or when the queue is full (``max_queue_size``), it
+    dispatches whatever is queued without waiting.
     """
 
     max_batch_size: int
@@ -96,7 +100,7 @@ class MaxSizeOrWait:
         if state.queued_rows <= 0 or state.oldest_enqueued_at is None:
             return Wait(deadline=None, wake_at_rows=1)
         rows = min(state.queued_rows, self.max_batch_size)
-        if state.closing or state.queued_rows >= self.max_batch_size:
+        if state.closing or state.queue_full or state.queued_rows >= self.max_batch_size:
             return Dispatch(rows)
         deadline = state.oldest_enqueued_at + self.max_wait
         if state.now >= deadline:

@@ -117,6 +117,8 @@ class RequestQueue:
         """Count a cancelled ``Request`` once, and drop whatever of it is still queued."""
         self.rows -= request.undispatched
         request.undispatched = 0
+        if request.timer is not None:  # it holds the request (and its input) until it fires
+            request.timer.cancel()
         if not request.counted:
             request.counted = True
             self.stats.cancelled += 1

@@ -120,14 +120,21 @@ class StatsRecorder:
         self.batch_runs: deque[float] = deque(maxlen=SAMPLE_WINDOW)
 
     def snapshot(
-        self, *, queue_depth: int, in_flight: int, healthy: bool, closed: bool
+        self,
+        *,
+        queue_depth: int,
+        in_flight: int,
+        healthy: bool,
+        closed: bool,
+        uncounted_cancelled: int = 0,
     ) -> BatcherStatistics:
-        resolved = self.completed + self.failed + self.cancelled + self.timed_out
+        cancelled = self.cancelled + uncounted_cancelled
+        resolved = self.completed + self.failed + cancelled + self.timed_out
         return BatcherStatistics(
             submitted=self.submitted,
             completed=self.completed,
             failed=self.failed,
-            cancelled=self.cancelled,
+            cancelled=cancelled,
             timed_out=self.timed_out,
             rejected=self.rejected,
             pending=self.submitted - resolved,

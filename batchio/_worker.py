@@ -23,6 +23,19 @@ T = TypeVar("T")
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Any], Any], Any]
 
 
+def settleable(exc: BaseException) -> BaseException:
+    """``exc``, or a ``RuntimeError`` wrapping it if a future cannot hold it.
+
+    asyncio futures refuse ``StopIteration`` (it would end the awaiting coroutine instead of being
+    raised in it); Python's coroutines convert it the same way.
+    """
+    if isinstance(exc, StopIteration):
+        wrapped = RuntimeError(f"the batch function raised {exc!r}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
+
+
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     # The awaiting batch task may have been cancelled (loop shutdown): then nobody wants this.
     if fut.done():
@@ -39,7 +52,7 @@ def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
         try:
             outcome: tuple[bool, Any] = (True, fn(arg))
         except BaseException as exc:  # delivered to the batch, which decides what to catch
-            outcome = (False, exc)
+            outcome = (False, settleable(exc))
         del job, fn, arg  # drop the batch's inputs before waiting for the next job
         try:
             loop.call_soon_threadsafe(_settle, fut, *outcome)

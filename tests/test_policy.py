@@ -55,6 +55,19 @@ def test_closing_drains_without_waiting() -> None:
     assert POLICY.decide(state(rows=3, oldest=100.0, closing=True)) == Dispatch(3)
 
 
+def test_full_queue_dispatches_without_waiting() -> None:
+    """With max_queue_size below max_batch_size a batch can never fill: don't wait for it."""
+    s = QueueState(
+        now=100.0,
+        queued_rows=2,
+        oldest_enqueued_at=100.0,
+        free_slots=1,
+        closing=False,
+        queue_full=True,
+    )
+    assert POLICY.decide(s) == Dispatch(2)
+
+
 @pytest.mark.parametrize(("size", "wait"), [(0, 0.1), (-1, 0.1), (4, -0.5), (4, float("nan"))])
 def test_invalid_options_are_rejected(size: int, wait: float) -> None:
     with pytest.raises(ValueError, match="max_"):
