@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -42,7 +43,7 @@ AsyncBatchFn: TypeAlias = Callable[[list[InT]], Awaitable[Sequence[OutT | Except
 """The ``async def`` form of :data:`SyncBatchFn`."""
 
 _log: Final = logging.getLogger("batchio")
-_running_loop: Final = asyncio.get_running_loop
+_thread_id: Final = threading.get_ident
 _INF: Final = math.inf
 
 
@@ -126,6 +127,7 @@ class Batcher(Generic[InT, OutT]):
         "_max_queue",
         "_name",
         "_open_loop",
+        "_open_thread",
         "_overflow",
         "_policy",
         "_queue",
@@ -176,6 +178,9 @@ class Batcher(Generic[InT, OutT]):
         self._clock: Callable[[], float] = time.monotonic
         # The loop while the batcher accepts requests; None before start, once closed or broken.
         self._open_loop: asyncio.AbstractEventLoop | None = None
+        # The thread running that loop: comparing thread ids is a third of the cost of
+        # asyncio.get_running_loop() on the hot path, and one loop runs in one thread.
+        self._open_thread = -1
         self._stats = StatsRecorder()
         self._queue = RequestQueue(self._stats)
         self._overflow: deque[Entry] = deque()  # accepted, waiting for room (when_full="wait")
@@ -219,6 +224,7 @@ class Batcher(Generic[InT, OutT]):
         if self._executor_task is not None or self._closed:
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._loop = self._open_loop = loop = asyncio.get_running_loop()
+        self._open_thread = _thread_id()
         # asyncio's own loops define time() as time.monotonic(): calling that C function directly
         # reads the same clock (so call_at deadlines agree) without a Python frame per request.
         base_time = asyncio.BaseEventLoop.time
@@ -315,7 +321,7 @@ class Batcher(Generic[InT, OutT]):
         """
         # The hot path: one exact future, one tuple, one deque append; no frame of our own.
         loop = self._open_loop
-        if loop is None or _running_loop() is not loop:
+        if loop is None or _thread_id() != self._open_thread:
             self._refuse()
         fut = loop.create_future()
         now = self._clock()
@@ -359,7 +365,7 @@ class Batcher(Generic[InT, OutT]):
         Same arguments and errors as :meth:`__call__`.
         """
         loop = self._open_loop
-        if loop is None or _running_loop() is not loop:
+        if loop is None or _thread_id() != self._open_thread:
             self._refuse()
         rows = list(items)
         t = self._default_timeout if timeout is _DEFAULT else timeout
@@ -396,7 +402,7 @@ class Batcher(Generic[InT, OutT]):
                 + ("" if self._loop else "; use it as `async with Batcher(...) as b:`")
             )
         asyncio.get_running_loop()  # raises "no running event loop" outside async code
-        raise RuntimeError(f"{self!r} belongs to another event loop")
+        raise RuntimeError(f"{self!r} belongs to another event loop (and thread)")
 
     def _park(self, entry: Entry, rows: int) -> None:
         """The queue looks full: count it exactly, then queue, reject, or park for room."""
