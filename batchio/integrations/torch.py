@@ -14,14 +14,13 @@ batcher's worker thread. Importing this module imports torch; ``import batchio``
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Self
+from collections.abc import Collection, Mapping
+from typing import Any, Literal
 
 import anyio.to_thread
 import torch
 
-from .. import Batcher, BatcherStatistics
+from .. import Batcher
 from ._collate import (
     DEFAULT_PAD_VALUES,
     CollatedBatch,
@@ -33,6 +32,7 @@ from ._collate import (
 from ._device import Placement
 from ._forward import BatchForward, Postprocess
 from ._microbatch import plan_micro_batches
+from ._owner import BatcherOwner
 from ._split import split_output, stack_outputs
 
 __all__ = [
@@ -85,7 +85,7 @@ def _as_batch_tensor(value: object, what: str) -> torch.Tensor:
     return t
 
 
-class BatchedModule:
+class BatchedModule(BatcherOwner[Any, Any]):
     """A PyTorch model behind a :class:`batchio.Batcher`: ``await m(row)`` returns that row's output.
 
     It owns the batcher: use it as an async context manager. Its batch function is a
@@ -157,18 +157,6 @@ class BatchedModule:
             name=name or type(model).__name__,
         )
 
-    async def __aenter__(self) -> Self:
-        await self.batcher.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.batcher.__aexit__(exc_type, exc, tb)
-
     async def __call__(self, row: Any) -> Any:
         """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.
 
@@ -176,10 +164,6 @@ class BatchedModule:
             CollationError: this row cannot be batched with the others (the others still run).
         """
         return await self.batcher(row)
-
-    async def map(self, rows: Iterable[Any]) -> list[Any]:
-        """Run several rows as one request; return their outputs in order."""
-        return await self.batcher.map(rows)
 
     async def rows(self, batch: Any) -> Any:
         """Run a batch of k rows (a tensor, or a mapping of tensors with k rows each) as one request.
@@ -196,10 +180,6 @@ class BatchedModule:
         side = self.forward.collator.padding_side
         # Stacking copies every row: keep that off the event loop too.
         return await anyio.to_thread.run_sync(stack_outputs, outputs, side)
-
-    def statistics(self) -> BatcherStatistics:
-        """The batcher's :class:`batchio.BatcherStatistics`."""
-        return self.batcher.statistics()
 
 
 # Tracebacks and reprs name the public module, not the private one each class lives in.

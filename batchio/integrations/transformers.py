@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterable, Sequence
-from types import TracebackType
-from typing import Any, Literal, Self
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from .. import Batcher, BatcherStatistics
+from .. import Batcher
+from ._owner import BatcherOwner
 from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
 
 __all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "mean_pool"]
@@ -114,7 +114,7 @@ class TextEmbeddingFn:
         return results
 
 
-class SentenceEmbedder:
+class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
     """Batched sentence embeddings: ``await embedder(text)`` returns that text's embedding.
 
     The embedding is a 1-D ``float32`` CPU ``torch.Tensor`` (mean of the token embeddings over
@@ -178,32 +178,8 @@ class SentenceEmbedder:
             name=name or "SentenceEmbedder",
         )
 
-    async def __aenter__(self) -> Self:
-        await self.batcher.__aenter__()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.batcher.__aexit__(exc_type, exc, tb)
-
-    async def __call__(self, text: str) -> torch.Tensor:
-        """Return the embedding of ``text``."""
-        return await self.batcher(text)
-
-    async def map(self, texts: Iterable[str]) -> list[torch.Tensor]:
-        """Return the embeddings of ``texts`` (one request of several rows), in order."""
-        return await self.batcher.map(texts)
-
-    def statistics(self) -> BatcherStatistics:
-        """The batcher's :class:`batchio.BatcherStatistics`."""
-        return self.batcher.statistics()
-
-
-class BatchedPipeline:
+class BatchedPipeline(BatcherOwner[Any, Any]):
     """Batched calls to a ``transformers.pipeline``: ``await classify(text)`` returns its result.
 
     Each batch is one ``pipe(inputs, batch_size=len(inputs), **call_kwargs)`` call on the
@@ -247,27 +223,3 @@ class BatchedPipeline:
     def run_batch(self, inputs: list[Any]) -> list[Any]:
         """The batch function: one pipeline call over ``inputs``, one result per input."""
         return list(self.pipe(inputs, batch_size=len(inputs), **self.call_kwargs))
-
-    async def __aenter__(self) -> Self:
-        await self.batcher.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.batcher.__aexit__(exc_type, exc, tb)
-
-    async def __call__(self, item: Any) -> Any:
-        """Return the pipeline's result for one input."""
-        return await self.batcher(item)
-
-    async def map(self, items: Iterable[Any]) -> list[Any]:
-        """Return the pipeline's results for several inputs (one request), in order."""
-        return await self.batcher.map(items)
-
-    def statistics(self) -> BatcherStatistics:
-        """The batcher's :class:`batchio.BatcherStatistics`."""
-        return self.batcher.statistics()

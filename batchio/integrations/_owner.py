@@ -1,0 +1,42 @@
+"""The shared shape of the model wrappers: an object that owns a Batcher and forwards to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Generic, Self, TypeVar
+
+from .. import Batcher, BatcherStatistics
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+
+class BatcherOwner(Generic[InT, OutT]):
+    """Owns ``self.batcher``: an async context manager whose calls are batched requests."""
+
+    batcher: Batcher[InT, OutT]
+
+    async def __aenter__(self) -> Self:
+        await self.batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.batcher.__aexit__(exc_type, exc, tb)
+
+    async def __call__(self, item: InT) -> OutT:
+        """Submit one input and return its result (one request of one row)."""
+        return await self.batcher(item)
+
+    async def map(self, items: Iterable[InT]) -> list[OutT]:
+        """Submit several inputs as one request and return their results, in order."""
+        return await self.batcher.map(items)
+
+    def statistics(self) -> BatcherStatistics:
+        """The owned batcher's :class:`batchio.BatcherStatistics`."""
+        return self.batcher.statistics()
