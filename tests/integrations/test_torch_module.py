@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import anyio
 import pytest
 
 pytest.importorskip("torch")
@@ -18,26 +17,12 @@ import torch
 
 from batchio.integrations.torch import BatchedModule, CollationError
 
+from .conftest import gather
+
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
 
 HOUR = 3600.0
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-async def gather(*calls: Any) -> list[Any]:
-    """Run awaitables concurrently; return their results or exceptions, in order."""
-    results: list[Any] = [None] * len(calls)
-
-    async def one(i: int, call: Any) -> None:
-        try:
-            results[i] = await call
-        except Exception as exc:
-            results[i] = exc
-
-    async with anyio.create_task_group() as tg:
-        for i, call in enumerate(calls):
-            tg.start_soon(one, i, call)
-    return results
 
 
 def token_rows(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]]:

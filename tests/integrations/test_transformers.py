@@ -20,25 +20,11 @@ import torch
 from batchio.integrations.torch import CollationError
 from batchio.integrations.transformers import BatchedPipeline, SentenceEmbedder
 
+from .conftest import gather
+
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
 
 HOUR = 3600.0
-
-
-async def gather(*calls: Any) -> list[Any]:
-    """Run awaitables concurrently; return their results or exceptions, in order."""
-    results: list[Any] = [None] * len(calls)
-
-    async def one(i: int, call: Any) -> None:
-        try:
-            results[i] = await call
-        except Exception as exc:
-            results[i] = exc
-
-    async with anyio.create_task_group() as tg:
-        for i, call in enumerate(calls):
-            tg.start_soon(one, i, call)
-    return results
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
