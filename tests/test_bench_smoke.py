@@ -89,3 +89,19 @@ def test_suite_tiny_end_to_end(tmp_path: Path) -> None:
     assert all(r["completed_fraction"]["median"] == 1.0 for r in results["open"])
     for name in ("overhead", "throughput_vs_concurrency", "latency_vs_load"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_micro_experiments_run_at_tiny_sizes() -> None:
+    """Each experiment behind docs/design.md runs and returns a positive cost."""
+    from bench import micro
+    from bench._harness import run_on_loop
+
+    for loop in ("asyncio", "uvloop"):
+        assert run_on_loop(loop, lambda: micro.hop_executor(20)) > 0
+        assert run_on_loop(loop, lambda: micro.hop_anyio(20)) > 0
+        assert run_on_loop(loop, lambda: micro.hop_batchio(20)) > 0
+        assert run_on_loop(loop, lambda: micro.floor(True, requests=2_000, clients=16)) > 0
+        assert run_on_loop(loop, lambda: micro.batchio_async_noop(8, 16, requests=2_000)) > 0
+        by_loop, by_thread = run_on_loop(loop, lambda: micro.loop_checks(1_000))
+        assert isinstance(by_loop, float)
+        assert isinstance(by_thread, float)
