@@ -485,10 +485,7 @@ class Batcher(Generic[InT, OutT]):
         """A request's deadline passed (its timer fired, or a batch was forming without it)."""
         fut = req.future
         if fut.done():
-            if fut.cancelled() and not req.counted:
-                self._drop_queued(req)
-                req.counted = True
-                self._stats.cancelled += 1
+            self._note_if_cancelled(req)
             return
         dispatched = req.undispatched < req.rows
         fut.set_exception(RequestTimeoutError(req.timeout, dispatched=dispatched))
@@ -518,10 +515,8 @@ class Batcher(Generic[InT, OutT]):
                 self._stats.failed += 1
                 owner.counted = True
                 self._drop_queued(owner)
-            elif fut.cancelled() and not owner.counted:
-                owner.counted = True
-                self._stats.cancelled += 1
-                self._drop_queued(owner)
+            else:
+                self._note_if_cancelled(owner)
             return
         fut = cast("asyncio.Future[Any]", owner)
         if not fut.done():
@@ -529,6 +524,13 @@ class Batcher(Generic[InT, OutT]):
             self._stats.failed += 1
         elif fut.cancelled():
             self._stats.cancelled += 1
+
+    def _note_if_cancelled(self, req: Request) -> None:
+        """``req`` is done: if its caller cancelled it, count that once and drop its queued rows."""
+        if req.future.cancelled() and not req.counted:
+            req.counted = True
+            self._stats.cancelled += 1
+            self._drop_queued(req)
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Fail every request not yet dispatched (close with cancel_pending, or a dead executor)."""
@@ -754,8 +756,8 @@ class Batcher(Generic[InT, OutT]):
                     stats.cancelled += 1
                 continue
             req = owner
-            if req.future.done():
-                self._fail_owner(req, error or BatcherBrokenError("unreachable"))
+            if req.future.done():  # cancelled, timed out or failed meanwhile
+                self._note_if_cancelled(req)
                 continue
             if req.results is None:
                 req.future.set_result(chunk[0])
