@@ -95,9 +95,6 @@ class Batch:
         self.offsets: list[int] = []
         self.simple = True
 
-    def __len__(self) -> int:
-        return len(self.inputs)
-
 
 class RequestQueue:
     """A FIFO of entries and the count of their queued rows (dead entries count until dropped)."""

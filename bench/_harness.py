@@ -158,7 +158,13 @@ class CountingFn:
 
 
 @contextlib.asynccontextmanager
-async def open_floor(fn: BatchFn, spec: BatchSpec, *, thread: bool = False) -> AsyncIterator[Call]:
+async def open_floor(
+    fn: BatchFn,
+    spec: BatchSpec,
+    *,
+    thread: bool = False,
+    new_future: Callable[[], asyncio.Future[Any]] | None = None,
+) -> AsyncIterator[Call]:
     """The least work any future-based asyncio batcher can do per request.
 
     Each request creates one future and appends ``(future, item)`` to a list; one consumer task
@@ -168,9 +174,11 @@ async def open_floor(fn: BatchFn, spec: BatchSpec, *, thread: bool = False) -> A
 
     With ``thread=True`` a sync ``fn`` runs instead on one dedicated worker thread through
     ``loop.run_in_executor`` (one batch at a time): the floor for batchers that keep a sync
-    ``fn`` off the loop, i.e. the cost of the thread hop alone.
+    ``fn`` off the loop, i.e. the cost of the thread hop alone. ``new_future`` replaces
+    ``loop.create_future`` (``bench.micro`` measures a ``Future`` subclass with it).
     """
     loop = asyncio.get_running_loop()
+    create_future = new_future or loop.create_future
     pool = ThreadPoolExecutor(max_workers=1) if thread else None
     size = spec.max_batch_size
     pending: list[tuple[asyncio.Future[Any], Any]] = []
@@ -196,7 +204,7 @@ async def open_floor(fn: BatchFn, spec: BatchSpec, *, thread: bool = False) -> A
                 fut.set_result(out)
 
     async def call(item: Any) -> Any:
-        fut = loop.create_future()
+        fut = create_future()
         pending.append((fut, item))
         waiter = wake[0]
         if waiter is not None:
@@ -432,26 +440,20 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str:
+    """``git -C ROOT <args>``'s output, or "" where git is missing or fails."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=5, check=False
         )
-    except OSError:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "batchio"],
-        capture_output=True,
-        text=True,
-        timeout=5,
-        check=False,
-    )
-    commit = out.stdout.strip() or None
-    if commit and dirty.stdout.strip():
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    commit = _git("rev-parse", "--short", "HEAD") or None
+    if commit and _git("status", "--porcelain", "batchio"):
         commit += "+dirty(batchio)"
     return commit
 

@@ -32,7 +32,17 @@ import anyio.to_thread
 import batchio
 from batchio._worker import WorkerThreads
 
-from ._harness import ROOT, LoopName, loop_available, machine_info, run_on_loop, write_json
+from ._harness import (
+    ROOT,
+    BatchSpec,
+    LoopName,
+    loop_available,
+    machine_info,
+    noop_sync,
+    open_floor,
+    run_on_loop,
+    write_json,
+)
 
 LOOPS: tuple[LoopName, ...] = ("asyncio", "uvloop")
 
@@ -81,42 +91,19 @@ class SlottedFuture(asyncio.Future[Any]):
 
 
 async def floor(subclass: bool, requests: int = 100_000, clients: int = 256) -> float:
-    """The raw floor's CPU time per request."""
+    """The raw floor's CPU time per request, with exact futures or with ``SlottedFuture``."""
     loop = asyncio.get_running_loop()
-    pending: list[asyncio.Future[Any]] = []
-    wake: list[asyncio.Future[None] | None] = [None]
-
-    async def consumer() -> None:
-        while True:
-            if not pending:
-                waiter = wake[0] = loop.create_future()
-                await waiter
-                continue
-            chunk = pending[:64]
-            del pending[:64]
-            for f in chunk:
-                f.set_result(None)
-            await asyncio.sleep(0)
-
-    async def client(n: int) -> None:
-        for _ in range(n):
-            fut: asyncio.Future[Any] = (
-                SlottedFuture(loop=loop) if subclass else loop.create_future()
-            )
-            pending.append(fut)
-            waiter = wake[0]
-            if waiter is not None:
-                wake[0] = None
-                waiter.set_result(None)
-            await fut
-
-    task = loop.create_task(consumer())
+    new_future = (lambda: SlottedFuture(loop=loop)) if subclass else None
     per = requests // clients
-    start = time.process_time()
-    await asyncio.gather(*(client(per) for _ in range(clients)))
-    elapsed = time.process_time() - start
-    task.cancel()
-    return elapsed / (per * clients)
+    async with open_floor(noop_sync, BatchSpec(max_batch_size=64), new_future=new_future) as call:
+
+        async def client() -> None:
+            for i in range(per):
+                await call(i)
+
+        start = time.process_time()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return (time.process_time() - start) / (per * clients)
 
 
 async def batchio_async_noop(rows: int, clients: int, requests: int = 100_000) -> float:

@@ -174,6 +174,15 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
         f"{results['mode']} run {machine['time_utc']}"
     )
 
+    def save(fig: Any, name: str) -> None:
+        """Add the machine footer, write ``docs/img/<name><suffix>.png`` and close the figure."""
+        fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = outdir / f"{name}{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     # 1. overhead bars
     rows = [r for r in results["overhead"] if "items_per_s" in r]
     if rows:
@@ -194,12 +203,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
             f"Overhead: no-op batch fn, {results['sizes']['overhead_concurrency']} clients, "
             f"max_batch_size {results['overhead_spec']['max_batch_size']}"
         )
-        fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        path = outdir / f"overhead{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "overhead")
 
     ceiling = results["ceiling"]
     # 2. throughput vs concurrency
@@ -228,12 +232,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
         ax.set_ylabel("sentences/s (median, bars min..max)")
         ax.set_title(f"MiniLM throughput vs concurrency ({results['device_label']})")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        path = outdir / f"throughput_vs_concurrency{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "throughput_vs_concurrency")
 
     # 3. p99 and goodput vs offered load
     rows = [r for r in results["open"] if "p99_ms" in r]
@@ -260,12 +259,7 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
         ax2.set_ylabel(f"goodput: requests/s done within {slo:.0f} ms")
         ax2.set_title("goodput vs offered load")
         ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.text(0.01, 0.005, foot, fontsize=7, color="#555555")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        path = outdir / f"latency_vs_load{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "latency_vs_load")
     return written
 
 

@@ -43,31 +43,23 @@ def no_blocking() -> Iterator[None]:
 ALLOWED_SKIP_REASONS = ("needs a CUDA device",)
 
 
-def _unexpected_skip(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+def _fail_unexpected_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
     if not report.skipped:
-        return None
+        return
     longrepr = report.longrepr
     reason = str(longrepr[-1]) if isinstance(longrepr, tuple) else str(longrepr)
-    if any(ok in reason for ok in ALLOWED_SKIP_REASONS):
-        return None
-    return reason
+    if not any(ok in reason for ok in ALLOWED_SKIP_REASONS):
+        report.outcome = "failed"
+        report.longrepr = f"unexpected skip (only {ALLOWED_SKIP_REASONS} may skip): {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
-    reason = _unexpected_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"unexpected skip (only {ALLOWED_SKIP_REASONS} may skip): {reason}"
+    _fail_unexpected_skip(outcome.get_result())  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     outcome = yield
-    report: pytest.CollectReport = outcome.get_result()  # type: ignore[attr-defined]
-    reason = _unexpected_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"unexpected skip (only {ALLOWED_SKIP_REASONS} may skip): {reason}"
+    _fail_unexpected_skip(outcome.get_result())  # type: ignore[attr-defined]

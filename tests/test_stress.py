@@ -90,6 +90,28 @@ def check_outcome(ask: Ask, outcome: Any, isolate: bool) -> None:
     assert outcome == (want[0] if ask.single else want)
 
 
+async def play(b: Batcher[int, Any], ask: Ask) -> Any:
+    """Submit ``ask`` after its delay, cancel it after ``cancel_after`` checkpoints if it says so,
+    and return its outcome: a result or the exception it raised (cancellation included)."""
+
+    async def call() -> Any:
+        for _ in range(ask.delay):
+            await asyncio.sleep(0)
+        if ask.single:
+            return await b(ask.values[0], timeout=ask.timeout)
+        return await b.map(ask.values, timeout=ask.timeout)
+
+    task = asyncio.ensure_future(call())
+    if ask.cancel_after is not None:
+        for _ in range(ask.cancel_after):
+            await asyncio.sleep(0)
+        task.cancel()
+    try:
+        return await task
+    except (Exception, asyncio.CancelledError) as exc:
+        return exc
+
+
 async def run_scenario(
     asks: list[Ask],
     *,
@@ -114,26 +136,7 @@ async def run_scenario(
         max_concurrent_batches=concurrent,
         isolate_errors=isolate,
     ) as b:
-
-        async def call(ask: Ask) -> Any:
-            for _ in range(ask.delay):
-                await asyncio.sleep(0)
-            if ask.single:
-                return await b(ask.values[0], timeout=ask.timeout)
-            return await b.map(ask.values, timeout=ask.timeout)
-
-        async def one(ask: Ask) -> Any:
-            task = asyncio.ensure_future(call(ask))
-            if ask.cancel_after is not None:
-                for _ in range(ask.cancel_after):
-                    await asyncio.sleep(0)
-                task.cancel()
-            try:
-                return await task
-            except (Exception, asyncio.CancelledError) as exc:
-                return exc
-
-        outcomes = await asyncio.gather(*(one(a) for a in asks))
+        outcomes = await asyncio.gather(*(play(b, a) for a in asks))
 
     for ask, outcome in zip(asks, outcomes, strict=True):
         check_outcome(ask, outcome, isolate)
@@ -237,22 +240,7 @@ def test_stress_100k_requests_random_arrival_cancellation_timeouts_and_errors(
         async with Batcher(fn, max_batch_size=64, max_wait=0.0005, max_concurrent_batches=2) as b:
 
             async def client(plan: list[Ask]) -> None:
-                for ask in plan:
-                    for _ in range(ask.delay):
-                        await asyncio.sleep(0)
-                    if ask.single:
-                        coro: Any = b(ask.values[0], timeout=ask.timeout)
-                    else:
-                        coro = b.map(ask.values, timeout=ask.timeout)
-                    task = asyncio.ensure_future(coro)
-                    if ask.cancel_after is not None:
-                        for _ in range(ask.cancel_after):
-                            await asyncio.sleep(0)
-                        task.cancel()
-                    try:
-                        outcomes.append((ask, await task))
-                    except (Exception, asyncio.CancelledError) as exc:
-                        outcomes.append((ask, exc))
+                outcomes.extend([(ask, await play(b, ask)) for ask in plan])
 
             await asyncio.gather(*(client(p) for p in plans))
             # Close with a queue: these must all resolve too (drained).
