@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ._checks import check_int, check_seconds
+
 __all__ = ["BatchPolicy", "Dispatch", "MaxSizeOrWait", "QueueState", "Wait"]
 
 
@@ -88,10 +90,9 @@ class MaxSizeOrWait:
     max_wait: float
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if not self.max_wait >= 0:
-            raise ValueError(f"max_wait must be a number of seconds >= 0, got {self.max_wait}")
+        fix = object.__setattr__
+        fix(self, "max_batch_size", check_int("max_batch_size", self.max_batch_size, minimum=1))
+        fix(self, "max_wait", check_seconds("max_wait", self.max_wait, allow_zero=True))
 
     def decide(self, state: QueueState) -> Dispatch | Wait:
         """Dispatch a full or overdue batch; otherwise say when to look again."""

@@ -1,0 +1,157 @@
+"""The batcher's options, declared once and shared by ``Batcher``, ``@batch`` and the model wrappers.
+
+:class:`BatcherOptions` holds the defaults and validates every value when it is built, so a bad
+option fails at construction with a message that names it, wherever it was given.
+:class:`BatcherOptionsKw` is the same list as keyword arguments (``**options:
+Unpack[BatcherOptionsKw]``), so type checkers see each name and type; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias, TypedDict, final
+
+from ._checks import check_int, check_seconds
+from ._policy import BatchPolicy, MaxSizeOrWait
+
+__all__ = ["DEFAULT", "BatcherOptions", "BatcherOptionsKw", "DefaultTimeout", "TimeoutArg"]
+
+
+@final
+class DefaultTimeout:
+    """The type of :data:`DEFAULT`: "use the batcher's ``timeout`` option" in a per-call
+    ``timeout=``. (``None`` there means no deadline, everywhere.)"""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "batchio.DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = DefaultTimeout()
+"""Per-call ``timeout=DEFAULT`` (the default) takes the batcher's ``timeout`` option."""
+
+TimeoutArg: TypeAlias = "float | None | DefaultTimeout"
+"""What a per-call ``timeout=`` accepts: seconds, ``None`` (no deadline) or :data:`DEFAULT`."""
+
+
+class BatcherOptionsKw(TypedDict, total=False):
+    """The options of :class:`BatcherOptions`, as keyword arguments (each one optional)."""
+
+    max_batch_size: int
+    max_wait: float
+    max_concurrent_batches: int
+    max_queue_size: int | None
+    when_full: Literal["reject", "wait"]
+    timeout: float | None
+    batch_time_limit: float | None
+    isolate_errors: bool
+    policy: BatchPolicy | None
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatcherOptions:
+    """How a batcher forms and runs batches; validated when built, then immutable.
+
+    Attributes:
+        max_batch_size: the most rows in one batch (an ``int`` >= 1).
+        max_wait: seconds the oldest queued request may wait for a batch to fill before a partial
+            batch is dispatched (finite, >= 0; ``0`` dispatches whenever a batch slot is free).
+        max_concurrent_batches: batches that may run at once, and worker threads for a sync
+            ``fn`` (an ``int`` >= 1).
+        max_queue_size: the most rows that may wait in the queue; ``None`` for no bound.
+        when_full: what a call does when the queue is full: ``"reject"`` raises
+            :class:`~batchio.QueueFullError` at once, ``"wait"`` waits (FIFO) for room, within
+            the request's timeout.
+        timeout: default deadline, in seconds from the call, of each request; ``None`` for none.
+            A call overrides it with ``timeout=`` (``None`` there removes it).
+        batch_time_limit: seconds one batch may run before it is declared stalled: its
+            requests fail with :class:`~batchio.BatchStalledError`, the stuck worker is abandoned
+            and replaced (an ``async def fn`` is cancelled), and the batcher carries on.
+            ``None`` (the default): no limit.
+        isolate_errors: when ``fn`` raises for a batch, re-run it in halves to find the inputs
+            that fail, so the other requests still get their results.
+        policy: a custom :class:`~batchio.BatchPolicy`; replaces ``max_batch_size`` and
+            ``max_wait``.
+        name: a name for logs, reprs and worker threads (default: ``fn``'s qualified name).
+    """
+
+    max_batch_size: int = 32
+    max_wait: float = 0.005
+    max_concurrent_batches: int = 1
+    max_queue_size: int | None = None
+    when_full: Literal["reject", "wait"] = "reject"
+    timeout: float | None = None
+    batch_time_limit: float | None = None
+    isolate_errors: bool = False
+    policy: BatchPolicy | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__  # normalise (numpy ints, ints as seconds) on a frozen instance
+        fix(self, "max_batch_size", check_int("max_batch_size", self.max_batch_size, minimum=1))
+        fix(self, "max_wait", check_seconds("max_wait", self.max_wait, allow_zero=True))
+        fix(
+            self,
+            "max_concurrent_batches",
+            check_int("max_concurrent_batches", self.max_concurrent_batches, minimum=1),
+        )
+        fix(
+            self,
+            "max_queue_size",
+            check_int("max_queue_size", self.max_queue_size, minimum=1, allow_none=True),
+        )
+        if self.when_full not in ("reject", "wait"):
+            raise ValueError(f'when_full must be "reject" or "wait", got {self.when_full!r}')
+        fix(self, "timeout", check_seconds("timeout", self.timeout, allow_none=True))
+        fix(
+            self,
+            "batch_time_limit",
+            check_seconds("batch_time_limit", self.batch_time_limit, allow_none=True),
+        )
+        if not isinstance(self.isolate_errors, bool):
+            raise TypeError(f"isolate_errors must be a bool, got {self.isolate_errors!r}")
+        if self.policy is not None and not isinstance(self.policy, BatchPolicy):
+            raise TypeError(
+                f"policy must implement batchio.BatchPolicy (max_batch_size and decide()), "
+                f"got {self.policy!r}"
+            )
+        if self.name is not None and not isinstance(self.name, str):
+            raise TypeError(f"name must be a str or None, got {self.name!r}")
+
+    def replace(self, **changes: object) -> BatcherOptions:
+        """A copy with ``changes`` applied (validated like the constructor)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown batcher option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def make_policy(self) -> BatchPolicy:
+        """The policy these options describe."""
+        if self.policy is not None:
+            return self.policy
+        return MaxSizeOrWait(self.max_batch_size, self.max_wait)
+
+
+def options_from(options: BatcherOptions | None, changes: BatcherOptionsKw) -> BatcherOptions:
+    """``options`` (or the defaults) with the keyword ``changes`` applied."""
+    if options is None:
+        if not changes:
+            return _DEFAULTS
+        try:
+            return BatcherOptions(**changes)
+        except TypeError as exc:
+            if "unexpected keyword" in str(exc):
+                return BatcherOptions().replace(**changes)  # names the unknown option
+            raise
+    if not isinstance(options, BatcherOptions):
+        raise TypeError(f"options must be a batchio.BatcherOptions, got {options!r}")
+    return options.replace(**changes) if changes else options
+
+
+_DEFAULTS = BatcherOptions()
