@@ -1,18 +1,20 @@
-"""Collation: turn per-request rows into one padded batch, rejecting rows that cannot join it.
+"""Collation: turn per-request rows into padded batches, rejecting only rows that cannot run.
 
 A *row* is one request's input: a tensor (or anything ``torch.as_tensor`` accepts, such as a numpy
 array), or a mapping of names to tensors such as one text's tokenizer output. Rows are first
 *prepared* one by one (converted, checked, trimmed of any padding they carry), which gives each a
-signature. Rows whose signature differs from the batch's (the most common one) fail alone, with a
-:class:`CollationError` saying why; the others are padded and stacked.
+signature (its keys, dtypes, devices and per-token shapes). A row that cannot run at all (not a
+tensor, a sparse tensor, token ids that are not integers, keys that must share a length but do
+not) fails alone with a :class:`CollationError` saying why. Rows that share a signature are padded
+and stacked together; rows of different signatures are collated apart (the batch function runs
+them as separate micro-batches).
 
 All of this runs on the batcher's worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -21,6 +23,7 @@ import torch
 from .. import BatchioError
 
 __all__ = [
+    "DEFAULT_LENGTH_GROUPS",
     "DEFAULT_PAD_VALUES",
     "CollatedBatch",
     "CollationError",
@@ -58,6 +61,29 @@ _TOKEN_KEYS: Final = frozenset(
         "decoder_attention_mask",
     }
 )
+
+# Keys that hold token ids: an embedding lookup takes integers only, and a float row would fail
+# its whole micro-batch.
+_ID_KEYS: Final = frozenset({"input_ids", "token_type_ids", "position_ids", "decoder_input_ids"})
+
+DEFAULT_LENGTH_GROUPS: Final[tuple[frozenset[str], ...]] = (
+    frozenset(
+        {
+            "input_ids",
+            "inputs_embeds",
+            "attention_mask",
+            "token_type_ids",
+            "position_ids",
+            "special_tokens_mask",
+        }
+    ),
+    frozenset({"decoder_input_ids", "decoder_attention_mask"}),
+)
+"""Keys that must share a length in a row: a tokenizer's encoder outputs, and the decoder's.
+
+``labels`` is in neither: it follows the encoder for token classification but the decoder for
+sequence-to-sequence models, so it is padded to its own longest row.
+"""
 
 Signature: TypeAlias = tuple[Hashable, ...]
 
@@ -106,14 +132,24 @@ class CollatedBatch:
 
 def _as_tensor(value: object, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
+        t = value
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CollationError(
+                f"{what} is a {type(value).__name__}, which is not a tensor and cannot become one "
+                f"({exc})"
+            ) from None
+    # Padding and stacking copy into a dense buffer: a sparse or nested row would fail there, or
+    # in the model, taking its whole micro-batch with it.
+    if t.is_nested:
+        raise CollationError(f"{what} is a nested tensor; only dense tensors can be batched")
+    if t.layout != torch.strided:
         raise CollationError(
-            f"{what} is a {type(value).__name__}, which is not a tensor and cannot become one "
-            f"({exc})"
-        ) from None
+            f"{what} is a {t.layout} tensor; only dense tensors can be batched (call .to_dense())"
+        )
+    return t
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -128,28 +164,56 @@ class Collator:
         padding_side: pad sequences on the ``"right"`` (the usual for encoders) or the ``"left"``.
         pad_values: pad value per key, added to (and overriding) :data:`DEFAULT_PAD_VALUES`.
             A key is a *sequence key*, padded along each row's first dimension, when it has a pad
-            value; other keys must have the same shape in every row and are stacked.
+            value; other keys must have the same shape in every row and are stacked. Each
+            sequence key is padded to its own longest row.
         attention_mask: the key of the attention mask: padded with 0 when rows carry one, built
             (1 for real tokens, 0 for padding) when they do not. ``None``: no mask is built.
         position_ids: a key under which to add position ids counted over real tokens only, which
             left padding needs for models with absolute positions (BERT and friends). ``None``:
             none are added.
+        length_groups: groups of sequence keys that must have the same length within a row (a row
+            where they do not fails alone). The group holding ``attention_mask`` (else the first)
+            is the row's *main sequence*: the mask and position ids follow it, a padded row is
+            trimmed to its mask in it, and its length is the row's length (for the token budget
+            and ``strip_padding``). ``attention_mask`` and ``position_ids`` join it when they are
+            in no group. Default: :data:`DEFAULT_LENGTH_GROUPS`.
+        max_length: the most tokens a sequence key may hold; a longer row fails alone with a
+            :class:`CollationError` (it is not truncated). ``None``: no limit.
     """
 
     padding_side: PaddingSide = "right"
     pad_values: Mapping[str, float] = field(default_factory=dict)
     attention_mask: str | None = "attention_mask"
     position_ids: str | None = None
+    length_groups: Sequence[Collection[str]] = DEFAULT_LENGTH_GROUPS
+    max_length: int | None = None
     _pads: dict[str, float] = field(init=False, repr=False, compare=False)
+    _groups: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False)
+    _main: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f'padding_side must be "left" or "right", got {self.padding_side!r}')
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
         pads = {**DEFAULT_PAD_VALUES, **self.pad_values}
-        for key in (self.attention_mask, self.position_ids):
-            if key is not None:
-                pads.setdefault(key, 0)
+        groups = _checked_groups(self.length_groups, pads)
+        joining = frozenset(
+            key
+            for key in (self.attention_mask, self.position_ids)
+            if key is not None and not any(key in g for g in groups)
+        )
+        main = next((i for i, g in enumerate(groups) if self.attention_mask in g), 0)
+        if joining:
+            if groups:
+                groups[main] |= joining
+            else:
+                groups.append(joining)
+        for key in joining:
+            pads.setdefault(key, 0)
         object.__setattr__(self, "_pads", pads)
+        object.__setattr__(self, "_groups", tuple(groups))
+        object.__setattr__(self, "_main", groups[main] if groups else frozenset())
 
     # -- one row ---------------------------------------------------------------------------------
 
@@ -167,22 +231,29 @@ class Collator:
         for key, value in row.items():
             if not isinstance(key, str):
                 raise CollationError(f"keys must be strings, got {key!r}")
-            t = data[key] = _as_tensor(value, f"key {key!r}")
-            if key in self._pads and t.ndim == 0:
-                raise CollationError(f"key {key!r} is a sequence key but holds a 0-d tensor")
-            if key in _TOKEN_KEYS and t.ndim != 1:
-                raise CollationError(
-                    f"key {key!r} has shape {_shape(t)}; a row holds one sequence (1-D). "
-                    "To submit several rows at once, split them (BatchedModule.rows does)"
-                )
+            data[key] = self._checked_value(key, value)
         seq_lengths = {k: t.shape[0] for k, t in data.items() if k in self._pads}
-        if len(set(seq_lengths.values())) > 1:
-            listed = ", ".join(f"{k}={n}" for k, n in seq_lengths.items())
-            raise CollationError(f"sequence keys have different lengths: {listed}")
-        length = next(iter(seq_lengths.values()), 0)
+        for group in self._groups:
+            shared = {k: n for k, n in seq_lengths.items() if k in group}
+            if len(set(shared.values())) > 1:
+                listed = ", ".join(f"{k}={n}" for k, n in shared.items())
+                raise CollationError(
+                    f"keys that must share a length (length_groups) have different lengths: "
+                    f"{listed}"
+                )
+        main = [n for k, n in seq_lengths.items() if k in self._main]
+        # A row with none of the main sequence's keys is as long as its longest sequence.
+        length = main[0] if main else max(seq_lengths.values(), default=0)
         mask_key = self.attention_mask
         if mask_key is not None and mask_key in data and length:
             length = self._trim_to_mask(data, data[mask_key], length)
+        if self.max_length is not None:
+            for key, t in data.items():
+                if key in self._pads and t.shape[0] > self.max_length:
+                    raise CollationError(
+                        f"key {key!r} has {t.shape[0]} tokens, more than "
+                        f"max_length={self.max_length}"
+                    )
         signature = tuple(
             sorted(
                 (
@@ -197,8 +268,24 @@ class Collator:
         )
         return PreparedRow(data, length, ("mapping", signature))
 
+    def _checked_value(self, key: str, value: object) -> torch.Tensor:
+        t = _as_tensor(value, f"key {key!r}")
+        if key in self._pads and t.ndim == 0:
+            raise CollationError(f"key {key!r} is a sequence key but holds a 0-d tensor")
+        if key in _TOKEN_KEYS and t.ndim != 1:
+            raise CollationError(
+                f"key {key!r} has shape {_shape(t)}; a row holds one sequence (1-D). "
+                "To submit several rows at once, split them (BatchedModule.rows does)"
+            )
+        if key in _ID_KEYS and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise CollationError(f"key {key!r} has dtype {t.dtype}; token ids must be integers")
+        return t
+
     def _trim_to_mask(self, data: dict[str, torch.Tensor], mask: torch.Tensor, length: int) -> int:
-        """Drop the padding a row already carries, so it is padded once, to this batch's longest."""
+        """Drop the padding a row already carries, so it is padded once, to this batch's longest.
+
+        Only the mask's own group is trimmed: other sequence keys have lengths of their own.
+        """
         real = mask.nonzero()
         if real.numel() == 0:
             raise CollationError("the attention mask is all zeros: the row has no real tokens")
@@ -206,52 +293,18 @@ class Collator:
         if first == 0 and last == length - 1:
             return length
         for key in data:
-            if key in self._pads:
+            if key in self._main:
                 data[key] = data[key][first : last + 1]
         return last + 1 - first
 
     # -- the batch -------------------------------------------------------------------------------
 
-    @staticmethod
-    def reference_signature(rows: Sequence[PreparedRow]) -> Signature:
-        """The signature most rows share (the earliest wins a tie): the batch is built from it."""
-        counts = Counter(r.signature for r in rows)
-        return max(counts, key=counts.__getitem__)
-
-    def mismatch(self, row: PreparedRow, reference: PreparedRow) -> CollationError:
-        """Say why ``row`` cannot be batched with ``reference``'s rows."""
-        kind, ref_kind = row.signature[0], reference.signature[0]
-        if kind != ref_kind:
-            return CollationError(f"a {kind} input cannot be batched with {ref_kind} inputs")
-        if isinstance(row.data, torch.Tensor):
-            assert isinstance(reference.data, torch.Tensor)
-            return CollationError(
-                _describe_tensor("the input", row.data, reference.data, sequence=False)
-            )
-        assert isinstance(reference.data, dict)
-        for key in reference.data:
-            if key not in row.data:
-                return CollationError(
-                    f"missing key {key!r} (the batch's inputs have keys {sorted(reference.data)})"
-                )
-        for key in row.data:
-            if key not in reference.data:
-                return CollationError(
-                    f"unexpected key {key!r} (the batch's inputs have keys "
-                    f"{sorted(reference.data)})"
-                )
-        for key, t in row.data.items():
-            ref = reference.data[key]
-            reason = _describe_tensor(f"key {key!r}", t, ref, sequence=key in self._pads)
-            if reason:
-                return CollationError(reason)
-        return CollationError("the input does not match the batch's inputs")  # pragma: no cover
-
     def collate(self, rows: Sequence[PreparedRow], *, pin_memory: bool = False) -> CollatedBatch:
         """Pad and stack rows that share one signature into a :class:`CollatedBatch`.
 
-        ``pin_memory=True`` builds the batch in page-locked memory, for a fast, asynchronous copy
-        to a CUDA device.
+        Each sequence key is padded to its own longest row; ``padded_length`` is the main
+        sequence's. ``pin_memory=True`` builds the batch in page-locked memory, for a fast,
+        asynchronous copy to a CUDA device.
         """
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
@@ -262,29 +315,15 @@ class Collator:
             if pin_memory:
                 stacked = stacked.pin_memory()
             return CollatedBatch(stacked, lengths, 0, self.padding_side)
-        n, longest = len(rows), max(lengths)
-        right = self.padding_side == "right"
+        longest = max(lengths)
         out: dict[str, torch.Tensor] = {}
-        for key, t0 in first.items():
-            column = [r.data[key] for r in rows]  # type: ignore[index]
-            if key not in self._pads:
+        for key in first:
+            column: list[torch.Tensor] = [r.data[key] for r in rows]  # type: ignore[index]
+            if key in self._pads:
+                out[key] = self._pad(column, self._pads[key], pin_memory)
+            else:
                 stacked = torch.stack(column)
                 out[key] = stacked.pin_memory() if pin_memory else stacked
-                continue
-            buf = torch.full(
-                (n, longest, *t0.shape[1:]),
-                self._pads[key],
-                dtype=t0.dtype,
-                device=t0.device,
-                pin_memory=pin_memory,
-            )
-            for i, t in enumerate(column):
-                k = t.shape[0]
-                if right:
-                    buf[i, :k] = t
-                else:
-                    buf[i, longest - k :] = t
-            out[key] = buf
         has_sequences = any(key in self._pads for key in first)
         mask_key = self.attention_mask
         if has_sequences and mask_key is not None and mask_key not in out:
@@ -294,6 +333,26 @@ class Collator:
             mask = out[mask_key] if mask_key is not None else self._build_mask(lengths, longest)
             out[pos_key] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return CollatedBatch(out, lengths, longest, self.padding_side)
+
+    def _pad(self, column: list[torch.Tensor], value: float, pin_memory: bool) -> torch.Tensor:
+        """Stack one sequence key's rows, each padded with ``value`` to the key's longest row."""
+        t0 = column[0]
+        longest = max(t.shape[0] for t in column)
+        buf = torch.full(
+            (len(column), longest, *t0.shape[1:]),
+            value,
+            dtype=t0.dtype,
+            device=t0.device,
+            pin_memory=pin_memory,
+        )
+        right = self.padding_side == "right"
+        for i, t in enumerate(column):
+            k = t.shape[0]
+            if right:
+                buf[i, :k] = t
+            else:
+                buf[i, longest - k :] = t
+        return buf
 
     def _build_mask(
         self, lengths: list[int], longest: int, pin_memory: bool = False
@@ -307,17 +366,24 @@ class Collator:
         return mask
 
 
-def _describe_tensor(what: str, t: torch.Tensor, ref: torch.Tensor, *, sequence: bool) -> str:
-    """Why tensor ``t`` cannot be stacked with ``ref`` ('' if it can)."""
-    if t.dtype != ref.dtype:
-        return f"{what} has dtype {t.dtype}, but the batch's has {ref.dtype}"
-    if t.device != ref.device:
-        return f"{what} is on device {t.device}, but the batch's is on {ref.device}"
-    shape, ref_shape = _shape(t), _shape(ref)
-    if sequence:
-        if shape[1:] != ref_shape[1:]:
-            return f"{what} has per-token shape {shape[1:]}, but the batch's has {ref_shape[1:]}"
-        return ""
-    if shape != ref_shape:
-        return f"{what} has shape {shape}, but the batch's has {ref_shape}"
-    return ""
+def _checked_groups(
+    length_groups: Sequence[Collection[str]], pads: Mapping[str, float]
+) -> list[frozenset[str]]:
+    """``length_groups`` as frozensets, each key a sequence key in one group at most."""
+    groups: list[frozenset[str]] = []
+    seen: set[str] = set()
+    for group in length_groups:
+        if isinstance(group, str):
+            raise TypeError(f"length_groups holds collections of keys, got the string {group!r}")
+        keys = frozenset(group)
+        for key in sorted(keys):
+            if key in seen:
+                raise ValueError(f"key {key!r} is in more than one length group")
+            if key not in pads:
+                raise ValueError(
+                    f"length_groups names {key!r}, but {key!r} has no pad value (add it to "
+                    "pad_values): only sequence keys have a length"
+                )
+        seen |= keys
+        groups.append(keys)
+    return groups

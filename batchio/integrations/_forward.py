@@ -2,22 +2,23 @@
 
 :class:`BatchForward` is a plain synchronous batch function (``rows -> one result per row``), so a
 :class:`batchio.Batcher` runs it on its worker thread: no collation or model work ever touches the
-event loop. A row that cannot join the batch gets a :class:`CollationError` in its slot; a
-micro-batch whose forward pass raises gets that exception in each of its rows' slots; every other
-row still gets its result.
+event loop. Rows are grouped by signature (rows that differ in keys, dtypes or per-token shapes
+run as separate micro-batches of the same batch). A row that cannot run at all gets a
+:class:`CollationError` in its slot. A micro-batch whose forward pass raises is re-run in halves,
+so each row that fails alone gets its own exception and every other row its result.
 """
 
 from __future__ import annotations
 
 import itertools
-import traceback
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeAlias
 
 import torch
 
-from ._collate import CollatedBatch, CollationError, Collator, PreparedRow
+from ._collate import CollatedBatch, Collator, PreparedRow, Signature
 from ._device import Placement
+from ._isolate import run_isolating
 from ._microbatch import plan_micro_batches
 from ._split import split_output
 
@@ -34,6 +35,11 @@ class BatchForward:
     or one exception, per row, in order. Use it as the ``fn`` of a :class:`batchio.Batcher`, or
     through :class:`BatchedModule`, which does that for you.
 
+    A bad row fails alone. One that cannot run at all gets a :class:`CollationError`; rows that
+    differ from their neighbours (another dtype, key set or per-token shape) run in micro-batches
+    of their own; and a forward pass that raises is re-run in halves until each failing row is
+    alone, so that row gets the model's own exception and the others their results.
+
     Args:
         model: a ``torch.nn.Module`` or any callable; called as ``model(**batch)`` for rows that
             are mappings and ``model(batch)`` for tensor rows. A module is put in eval mode and,
@@ -44,8 +50,9 @@ class BatchForward:
             parameters are, when they are not on the CPU (inputs are moved there).
         output_device: where results are returned; ``None`` keeps them on ``device``.
         max_batch_tokens: the most padded tokens (longest row x rows) per forward pass. The rows
-            of a batch are sorted by length and run in micro-batches under this budget, which
-            bounds memory and cuts padding. ``None``: one forward pass per batch.
+            of a batch that share a signature are sorted by length and run in micro-batches
+            under this budget, which bounds memory and cuts padding. ``None``: one forward pass
+            per signature.
         strip_padding: which outputs are per-token, to return only each row's real tokens:
             ``True`` (every tensor whose dimension 1 is the padded length), names or indices of
             top-level outputs (e.g. ``{"last_hidden_state"}``), or ``False``.
@@ -85,34 +92,24 @@ class BatchForward:
         """Run the model over ``rows``; return one result (or ``Exception``) per row, in order."""
         results: list[Any] = [None] * len(rows)
         prepared: dict[int, PreparedRow] = {}
+        by_signature: dict[Signature, list[int]] = {}
         for i, row in enumerate(rows):
             try:
-                prepared[i] = self.collator.prepare(row)
-            except CollationError as exc:
+                p = self.collator.prepare(row)
+            except Exception as exc:  # a row that cannot even be prepared fails alone
                 results[i] = exc
-        if not prepared:
-            return results
-        reference_sig = self.collator.reference_signature(list(prepared.values()))
-        reference = next(p for p in prepared.values() if p.signature == reference_sig)
-        valid: list[int] = []
-        for i, p in prepared.items():
-            if p.signature == reference_sig:
-                valid.append(i)
-            else:
-                results[i] = self.collator.mismatch(p, reference)
-        groups = plan_micro_batches([prepared[i].length for i in valid], self.max_batch_tokens)
-        for group in groups:
-            indices = [valid[j] for j in group]
-            try:
-                outputs = self.run_micro_batch([prepared[i] for i in indices])
-            except Exception as exc:
-                # The error outlives this call (callers hold it); its frames must not keep the
-                # batch's tensors, possibly gigabytes of device memory, alive with it.
-                traceback.clear_frames(exc.__traceback__)
-                for i in indices:
-                    results[i] = exc
-            else:
-                for i, out in zip(indices, outputs, strict=True):
+                continue
+            prepared[i] = p
+            by_signature.setdefault(p.signature, []).append(i)
+
+        def run(indices: Sequence[int]) -> list[Any]:
+            return self.run_micro_batch([prepared[i] for i in indices])
+
+        for indices in by_signature.values():
+            lengths = [prepared[i].length for i in indices]
+            for group in plan_micro_batches(lengths, self.max_batch_tokens):
+                members = [indices[j] for j in group]
+                for i, out in zip(members, run_isolating(run, members), strict=True):
                     results[i] = out
         return results
 

@@ -22,6 +22,7 @@ import torch
 
 from .. import Batcher
 from ._collate import (
+    DEFAULT_LENGTH_GROUPS,
     DEFAULT_PAD_VALUES,
     CollatedBatch,
     CollationError,
@@ -36,6 +37,7 @@ from ._owner import BatcherOwner
 from ._split import split_output, stack_outputs
 
 __all__ = [
+    "DEFAULT_LENGTH_GROUPS",
     "DEFAULT_PAD_VALUES",
     "BatchForward",
     "BatchedModule",
@@ -100,7 +102,7 @@ class BatchedModule(BatcherOwner[Any, Any]):
             ``device``.
         padding_side, pad_values, attention_mask, position_ids: how rows are padded; see
             :class:`Collator`. Ignored when ``collator`` is given.
-        collator: a ready :class:`Collator`.
+        collator: a ready :class:`Collator` (also for its ``length_groups`` and ``max_length``).
         max_batch_tokens: the padded-token budget of one forward pass (length-sorted
             micro-batches); ``None`` for one pass per batch.
         strip_padding: which outputs are per-token, returned without padding (see
@@ -161,7 +163,9 @@ class BatchedModule(BatcherOwner[Any, Any]):
         """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.
 
         Raises:
-            CollationError: this row cannot be batched with the others (the others still run).
+            CollationError: this row cannot run at all (the others still run).
+            Exception: whatever the model raised for this row alone; a forward pass that fails is
+                re-run in halves, so rows that run fine still get their results.
         """
         return await self.batcher(row)
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from .. import Batcher
+from ._isolate import run_isolating
 from ._owner import BatcherOwner
 from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
 
@@ -90,28 +91,61 @@ class TextEmbeddingFn:
         return mean_pool(output, batch, normalize=self.normalize)
 
     def __call__(self, texts: Sequence[object]) -> list[Any]:
-        """Embed ``texts``; a non-string gets a :class:`CollationError` in its slot."""
+        """Embed ``texts``: one embedding, or one exception, per text, in order.
+
+        A non-string, or a string that cannot be encoded as UTF-8 (a lone surrogate), gets a
+        :class:`CollationError` before the batch is tokenized. If the tokenizer call still fails,
+        it is re-run in halves, so only the texts it cannot take get its error.
+        """
         results: list[Any] = [None] * len(texts)
-        valid = [i for i, t in enumerate(texts) if isinstance(t, str)]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                results[i] = CollationError(f"expected a str, got {type(t).__name__}")
+        valid: list[int] = []
+        for i, text in enumerate(texts):
+            problem = _text_problem(text)
+            if problem is None:
+                valid.append(i)
+            else:
+                results[i] = CollationError(problem)
         if not valid:
             return results
+        encoded = run_isolating(self._tokenize, [cast(str, texts[i]) for i in valid])
+        rows: list[tuple[int, Any]] = []
+        for i, row in zip(valid, encoded, strict=True):
+            if isinstance(row, Exception):
+                results[i] = row
+            else:
+                rows.append((i, row))
+        outputs = self.forward([row for _, row in rows]) if rows else []
+        for (i, _), out in zip(rows, outputs, strict=True):
+            results[i] = out
+        return results
+
+    def _tokenize(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         # One call tokenizes the whole batch (the fast tokenizers parallelise it); no padding here,
         # the collator pads each micro-batch to its own longest row.
         encoded = self.tokenizer(
-            [texts[i] for i in valid],
+            list(texts),
             truncation=True,
             max_length=self.max_length,
             padding=False,
             return_attention_mask=True,
         )
         keys = list(encoded.keys())
-        rows = [{key: encoded[key][j] for key in keys} for j in range(len(valid))]
-        for i, out in zip(valid, self.forward(rows), strict=True):
-            results[i] = out
-        return results
+        return [{key: encoded[key][j] for key in keys} for j in range(len(texts))]
+
+
+def _text_problem(text: object) -> str | None:
+    """Why ``text`` cannot be tokenized, or None when it can."""
+    if not isinstance(text, str):
+        return f"expected a str, got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Fast tokenizers take only valid Unicode, and refuse the whole batch over one text.
+        return (
+            f"the text cannot be encoded as UTF-8 ({exc.reason} at position {exc.start}); "
+            "decode its bytes with errors='replace' or drop the bad characters"
+        )
+    return None
 
 
 class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):

@@ -58,22 +58,6 @@ async def test_concurrent_rows_match_one_at_a_time(
             assert float((out.pooler_output - ref.pooler_output[0]).abs().max()) < 1e-4
 
 
-async def test_bad_request_fails_alone(tiny_bert: Any, tokenizer: Any) -> None:
-    rows: list[Any] = token_rows(tokenizer, ["the fox", "a lazy dog sat", "on the mat"])
-    rows.insert(1, {"input_ids": torch.tensor([2, 5, 3])})  # no token_type_ids: unlike the rest
-    async with BatchedModule(tiny_bert, max_batch_size=4, max_wait=HOUR) as m:
-        outs = await gather(*(m(r) for r in rows))
-        stats = m.statistics()
-    assert stats.batches == 1
-    assert isinstance(outs[1], CollationError)
-    assert "missing key 'token_type_ids'" in str(outs[1])
-    assert [type(o).__name__ for i, o in enumerate(outs) if i != 1] == [
-        "BaseModelOutputWithPoolingAndCrossAttentions"
-    ] * 3
-    assert stats.failed == 1
-    assert stats.completed == 3
-
-
 async def test_rows_count_toward_batch_and_restack() -> None:
     """A k-row request shares a batch with a single-row request and gets k rows back."""
     torch.manual_seed(0)
