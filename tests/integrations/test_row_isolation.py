@@ -127,6 +127,10 @@ async def test_rows_with_different_keys_match_their_results_alone(
     [
         ({"input_ids": ids(1, 2).to_sparse()}, "sparse_coo"),
         (torch.ones(3).to_sparse(), "sparse_coo"),
+        (
+            torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
+            "a nested tensor",
+        ),
         ({"input_ids": torch.tensor([1.0, 2.0])}, "token ids must be integers"),
         ({"token_type_ids": ids(0), "input_ids": ids(1).bool()}, "token ids must be integers"),
         ({"input_ids": ids(*range(1, 10))}, "9 tokens, more than max_length=8"),

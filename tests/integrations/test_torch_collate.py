@@ -174,6 +174,8 @@ def test_no_length_groups_pads_every_key_alone() -> None:
 def test_invalid_length_groups(groups: list[set[str]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Collator(length_groups=groups)
+    with pytest.raises(TypeError, match="got the string 'input_ids'"):
+        Collator(length_groups=["input_ids"])
 
 
 def test_tensor_and_numpy_rows_stack() -> None:
