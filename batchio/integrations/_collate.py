@@ -197,6 +197,9 @@ class Collator:
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
         pads = {**DEFAULT_PAD_VALUES, **self.pad_values}
+        for key in (self.attention_mask, self.position_ids):
+            if key is not None:
+                pads.setdefault(key, 0)
         groups = _checked_groups(self.length_groups, pads)
         joining = frozenset(
             key
@@ -209,8 +212,6 @@ class Collator:
                 groups[main] |= joining
             else:
                 groups.append(joining)
-        for key in joining:
-            pads.setdefault(key, 0)
         object.__setattr__(self, "_pads", pads)
         object.__setattr__(self, "_groups", tuple(groups))
         object.__setattr__(self, "_main", groups[main] if groups else frozenset())

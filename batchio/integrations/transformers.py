@@ -155,6 +155,9 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
     real tokens, L2-normalised by default); ``.numpy()`` it if you need an array. Concurrent calls
     are grouped into batches by a :class:`batchio.Batcher` this object owns: use it as an async
     context manager. The model and tokenizer load in the constructor (from local files only).
+    A bad text fails alone: a non-string or a text that is not valid Unicode gets a
+    :class:`CollationError`, and a failing tokenizer call or forward pass is re-run in halves so
+    that only the texts that fail get its error.
 
     Args:
         model: a local model directory, or a loaded ``transformers`` model (e.g. ``AutoModel``).

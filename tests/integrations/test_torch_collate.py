@@ -150,6 +150,16 @@ def test_declared_length_group_is_checked() -> None:
     assert c.prepare({"input_ids": ids(1, 2), "features": torch.ones(2, 2)}).length == 2
 
 
+def test_custom_mask_key_joins_its_declared_group() -> None:
+    """A mask under another name needs no pad value of its own and follows its group."""
+    c = Collator(attention_mask="mask", pad_values={"ids": 0}, length_groups=[{"ids", "mask"}])
+    batch = c.collate([c.prepare({"ids": ids(1, 2)}), c.prepare({"ids": ids(3)})])
+    assert isinstance(batch.data, dict)
+    assert batch.data["mask"].tolist() == [[1, 1], [1, 0]]
+    with pytest.raises(CollationError, match="different lengths: ids=2, mask=1"):
+        c.prepare({"ids": ids(1, 2), "mask": ids(1)})
+
+
 def test_no_length_groups_pads_every_key_alone() -> None:
     c = Collator(length_groups=[], attention_mask=None)
     batch = c.collate(
