@@ -1,36 +1,37 @@
-"""The Batcher: an asyncio-native queue of awaitable requests and one executor task.
+"""The Batcher: the options, the call API, the lifecycle and the executor loop.
 
-Per request (the hot path) the loop does: create a future, append to a deque, maybe wake the
-executor, await. Per batch the executor asks the policy what to do, pops the rows, and starts one
-batch task, which runs ``fn`` (on the batcher's own worker thread for a sync ``fn``) and completes
-each request's future with its own slice of the results.
+Per request (the hot path) a call creates a future, hands an entry to the waiting room
+(:mod:`batchio._room`) and awaits. Per batch the executor asks the policy what to do, takes the rows
+from the room and starts one batch task, which runs ``fn`` through the worker transport
+(:mod:`batchio._worker`) and hands the outcomes to the one completion point
+(:mod:`batchio._outcomes`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import logging
-import math
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from itertools import repeat
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, NoReturn, TypeAlias, TypeVar, cast, final
+from typing import Any, Final, Generic, NoReturn, TypeAlias, TypeVar, Unpack, cast, final
 
+from ._checks import check_seconds, check_timeout
 from ._exceptions import (
     BatcherBrokenError,
     BatcherClosedError,
-    BatchSizeMismatchError,
-    QueueFullError,
-    RequestTimeoutError,
+    BatcherLoopError,
+    BatchFunctionError,
+    BatchStalledError,
 )
-from ._policy import BatchPolicy, Dispatch, MaxSizeOrWait, QueueState
-from ._queue import Batch, Entry, Request, RequestQueue, future_of, rows_of
-from ._stats import BatcherStatistics, StatsRecorder
-from ._worker import WorkerThreads, settleable
+from ._options import DEFAULT, BatcherOptions, BatcherOptionsKw, TimeoutArg, options_from
+from ._outcomes import Outcomes
+from ._policy import Dispatch, QueueState
+from ._request import FUT, QUEUED, Batch, Entry, Request
+from ._room import WaitingRoom
+from ._stats import STALLED, BatcherStatistics, Tally
+from ._worker import Job, WorkerThreads, call_async, call_sync, is_async_callable
 
 __all__ = ["AsyncBatchFn", "Batcher", "SyncBatchFn"]
 
@@ -43,47 +44,26 @@ AsyncBatchFn: TypeAlias = Callable[[list[InT]], Awaitable[Sequence[OutT | Except
 """The ``async def`` form of :data:`SyncBatchFn`."""
 
 _log: Final = logging.getLogger("batchio")
-_thread_id: Final = threading.get_ident
-_INF: Final = math.inf
+_running_loop: Final = asyncio._get_running_loop  # the C accessor: None outside a loop, no raise
+_INF: Final = float("inf")
+_PROPAGATE: Final = (KeyboardInterrupt, SystemExit)
 
 
-class _DefaultTimeout:
-    """Marks 'use the batcher's default timeout' in a per-call ``timeout=``."""
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-_DEFAULT: Final = _DefaultTimeout()
-
-
-def _is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with an async __call__
-    )
-
-
-def _check_timeout(timeout: object) -> None:
-    if not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, or None; got {timeout!r}")
-
-
-def _as_outputs(out: Any, expected: int) -> Sequence[Any]:
-    if not isinstance(out, list | tuple):
-        out = list(out)
-    if len(out) != expected:
-        raise BatchSizeMismatchError(expected, len(out))
-    return cast("Sequence[Any]", out)
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as retrieved, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
 
 
 @final
 class Batcher(Generic[InT, OutT]):
     """Groups concurrent single-item calls into batches for ``fn`` and hands each caller its result.
 
-    ``fn`` takes a list of inputs and returns a sequence of the same length, in order. A slot may
-    hold an ``Exception`` instance instead of a result: that request alone fails with it. A sync
-    ``fn`` runs on worker threads owned by this batcher (``max_concurrent_batches`` of them, so one
-    by default, and CUDA or thread-local state stays put); an ``async def fn`` is awaited on the
+    ``fn`` takes a list of inputs and returns one result per input, in order (a list, tuple,
+    iterator, or an array with a leading batch dimension; see :doc:`concepts`). A slot may hold an
+    ``Exception`` instance instead of a result: that request alone fails with it. A sync ``fn``
+    runs on worker threads owned by this batcher (``max_concurrent_batches`` of them, so one by
+    default, and CUDA or thread-local state stays put); an ``async def fn`` is awaited on the
     event loop.
 
     Use it as an async context manager, which starts the executor and, on exit, stops intake and
@@ -94,100 +74,66 @@ class Batcher(Generic[InT, OutT]):
 
     Args:
         fn: the batch function.
-        max_batch_size: the most rows in one batch.
-        max_wait: seconds the oldest queued request may wait for a batch to fill before a partial
-            batch is dispatched.
-        max_concurrent_batches: batches that may run at once (and worker threads for a sync fn).
-        max_queue_size: the most rows that may wait in the queue; ``None`` for no bound.
-        when_full: what a submit does when the queue is full: ``"reject"`` raises
-            :class:`~batchio.QueueFullError` at once, ``"wait"`` waits (FIFO) for room, within the
-            request's timeout.
-        timeout: default deadline, in seconds from submission, for each request (``None``: none).
-            A request can override it with ``timeout=`` per call.
-        isolate_errors: when ``fn`` raises for a batch, re-run it in halves to find the inputs that
-            fail, so the other requests still get their results. Costs extra calls of ``fn`` only
-            when a batch fails.
-        policy: a custom :class:`~batchio.BatchPolicy`; replaces ``max_batch_size``/``max_wait``.
-        name: a name for logs, reprs and worker threads.
+        options: a :class:`~batchio.BatcherOptions` to start from (shared between batchers,
+            say); keyword options are applied on top of it.
+        **kwargs: the options of :class:`~batchio.BatcherOptions` (``max_batch_size``,
+            ``max_wait``, ``max_concurrent_batches``, ``max_queue_size``, ``when_full``,
+            ``timeout``, ``batch_time_limit``, ``isolate_errors``, ``policy``, ``name``),
+            validated here.
     """
 
     __slots__ = (
         "__weakref__",
+        "_abandoned_tasks",
         "_broken",
         "_clock",
         "_closed",
-        "_default_timeout",
         "_executor_task",
         "_fn",
         "_in_flight",
         "_is_async",
-        "_isolate",
         "_loop",
-        "_max_concurrent",
-        "_max_queue",
         "_name",
         "_open_loop",
-        "_open_thread",
-        "_overflow",
+        "_options",
+        "_outcomes",
         "_policy",
-        "_queue",
+        "_room",
         "_running",
-        "_stats",
+        "_tally",
         "_threads",
-        "_wait_for_room",
+        "_timeout",
         "_waiter",
-        "_wake_at_rows",
     )
 
     def __init__(
         self,
         fn: SyncBatchFn[InT, OutT] | AsyncBatchFn[InT, OutT],
         *,
-        max_batch_size: int = 32,
-        max_wait: float = 0.005,
-        max_concurrent_batches: int = 1,
-        max_queue_size: int | None = None,
-        when_full: Literal["reject", "wait"] = "reject",
-        timeout: float | None = None,
-        isolate_errors: bool = False,
-        policy: BatchPolicy | None = None,
-        name: str | None = None,
+        options: BatcherOptions | None = None,
+        **kwargs: Unpack[BatcherOptionsKw],
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
-        if max_concurrent_batches < 1:
-            raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
-        if max_queue_size is not None and max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1 or None, got {max_queue_size}")
-        if when_full not in ("reject", "wait"):
-            raise ValueError(f'when_full must be "reject" or "wait", got {when_full!r}')
-        if timeout is not None:
-            _check_timeout(timeout)
+        opts = self._options = options_from(options, kwargs)
         self._fn = fn
-        self._is_async = _is_async_callable(fn)
-        self._policy: BatchPolicy = (
-            policy if policy is not None else MaxSizeOrWait(max_batch_size, max_wait)
-        )
-        self._max_concurrent = max_concurrent_batches
-        self._max_queue = max_queue_size
-        self._wait_for_room = when_full == "wait"
-        self._default_timeout = timeout
-        self._isolate = isolate_errors
-        self._name = name or getattr(fn, "__qualname__", None) or type(fn).__name__
+        self._is_async = is_async_callable(fn)
+        self._policy = opts.make_policy()
+        self._timeout = opts.timeout
+        self._name: str = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = time.monotonic
         # The loop while the batcher accepts requests; None before start, once closed or broken.
         self._open_loop: asyncio.AbstractEventLoop | None = None
-        # The thread running that loop: comparing thread ids is a third of the cost of
-        # asyncio.get_running_loop() on the hot path, and one loop runs in one thread.
-        self._open_thread = -1
-        self._stats = StatsRecorder()
-        self._queue = RequestQueue(self._stats)
-        self._overflow: deque[Entry] = deque()  # accepted, waiting for room (when_full="wait")
+        self._tally = Tally()
+        self._outcomes = Outcomes(self._tally, self._forget)
+        self._room = WaitingRoom(
+            opts.max_queue_size, opts.when_full == "wait", self._tally, self._outcomes, self._wake
+        )
         self._running: dict[asyncio.Task[None], Batch] = {}
+        self._abandoned_tasks: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._wake_at_rows: float = _INF
         self._executor_task: asyncio.Task[None] | None = None
         self._threads: WorkerThreads | None = None
         self._closed = False
@@ -202,9 +148,12 @@ class Batcher(Generic[InT, OutT]):
             else ("running" if self._executor_task else "not started")
         )
         return (
-            f"<batchio.Batcher {self._name!r} {state} queued={self._queue.rows} "
+            f"<batchio.Batcher {self._name!r} {state} queued={self._room.depth} "
             f"in_flight={self._in_flight}>"
         )
+
+    def _forget(self, req: Request) -> None:
+        self._room.forget(req)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -224,17 +173,28 @@ class Batcher(Generic[InT, OutT]):
         if self._executor_task is not None or self._closed:
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._loop = self._open_loop = loop = asyncio.get_running_loop()
-        self._open_thread = _thread_id()
         # asyncio's own loops define time() as time.monotonic(): calling that C function directly
-        # reads the same clock (so call_at deadlines agree) without a Python frame per request.
-        base_time = asyncio.BaseEventLoop.time
-        self._clock = time.monotonic if type(loop).time is base_time else loop.time
+        # reads the same clock without a Python frame per request. Any other clock (uvloop's, or
+        # a test's fake one patched onto the loop) is followed as it is.
+        own_clock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if own_clock else loop.time
         if not self._is_async:
-            self._threads = WorkerThreads(self._max_concurrent, f"batchio-{self._name}")
+            threads = self._options.max_concurrent_batches
+            self._threads = WorkerThreads(threads, f"batchio-{self._name}")
         self._executor_task = task = loop.create_task(
             self._executor(), name=f"batchio-executor-{self._name}"
         )
         task.add_done_callback(self._executor_done)
+
+    @property
+    def options(self) -> BatcherOptions:
+        """The options this batcher was built with."""
+        return self._options
+
+    @property
+    def name(self) -> str:
+        """The name used in logs, reprs and worker thread names."""
+        return self._name
 
     @property
     def closed(self) -> bool:
@@ -243,7 +203,8 @@ class Batcher(Generic[InT, OutT]):
 
     @property
     def healthy(self) -> bool:
-        """False once the executor has died; every request then fails with BatcherBrokenError."""
+        """False once the executor has died (or its loop closed under it); every request then
+        fails with :class:`~batchio.BatcherBrokenError`."""
         return self._broken is None
 
     @property
@@ -258,30 +219,88 @@ class Batcher(Generic[InT, OutT]):
             self._open_loop = None
             self._wake()
 
-    async def aclose(self, *, cancel_pending: bool = False) -> None:
+    async def aclose(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop intake, then drain: wait until every accepted request has been resolved.
 
-        With ``cancel_pending=True``, requests still queued fail with
-        :class:`~batchio.BatcherClosedError` instead of running; batches already running finish
-        and deliver. If this call is cancelled while draining, the queued requests are failed the
-        same way before the cancellation propagates, so nothing is left waiting.
+        Args:
+            cancel_pending: fail the requests still queued with
+                :class:`~batchio.BatcherClosedError` instead of running them; batches already
+                running finish and deliver.
+            timeout: a bound, in seconds, on the drain. When it passes, requests still queued
+                and those in running batches fail with :class:`~batchio.BatcherClosedError`,
+                worker threads still busy are abandoned, and an ``async def fn`` is cancelled.
+                ``None``: wait as long as it takes.
+
+        If this call is cancelled while draining, the queued requests are failed the same way
+        before the cancellation propagates, so nothing is left waiting.
+
+        Raises:
+            BatcherLoopError: called from another event loop than the batcher's.
+            BatcherBrokenError: the batcher's event loop was closed under it (its requests can
+                no longer be resolved; the batcher is marked broken and its threads released).
         """
+        drain_for = check_seconds("timeout", timeout, allow_zero=True, allow_none=True)
+        loop = self._loop
+        if loop is not None and loop is not _running_loop():
+            self._refuse_foreign_loop(loop)
         self.close()
         if cancel_pending:
             self._fail_queued(BatcherClosedError(f"{self!r} was closed before this request ran"))
-        task = self._executor_task
         try:
-            if task is not None and not task.done():
-                # Wait without taking its outcome: a crash was already delivered to every
-                # pending request as BatcherBrokenError, and is not this caller's error.
-                await asyncio.shield(asyncio.wait([task]))
-            while self._running:
-                await asyncio.shield(asyncio.wait(list(self._running)))
+            if loop is not None:
+                deadline = None if drain_for is None else self._clock() + drain_for
+                if not await self._drained(loop, deadline):
+                    await self._abort(BatcherClosedError(f"{self!r} closed: drain timed out"))
         except asyncio.CancelledError:
             self._fail_queued(BatcherClosedError(f"{self!r} closing was cancelled"))
             raise
         finally:
             self._release_threads()
+
+    async def _drained(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> bool:
+        """Wait until the executor and every batch are done; False if ``deadline`` passed."""
+        while True:
+            executor = self._executor_task
+            tasks = [t for t in (executor, *self._running) if t is not None and not t.done()]
+            if not tasks:
+                return True
+            remaining = None if deadline is None else deadline - self._clock()
+            if remaining is not None and remaining <= 0:
+                return False
+            # Waiting does not take the executor's outcome: a crash was already delivered to
+            # every pending request as BatcherBrokenError, and is not this caller's error.
+            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _abort(self, exc: BaseException) -> None:
+        """A bounded close ran out of time: fail everything still pending and stop the work."""
+        self._fail_queued(exc)
+        tasks = list(self._running)
+        for task, batch in self._running.items():
+            self._outcomes.fail_all(batch.owners, exc)
+            if batch.job is not None and self._threads is not None:
+                self._threads.abandon(batch.job, replace=False)
+            task.cancel()
+        self._wake()
+        if tasks:  # let the cancellations land; a function that ignores them is left behind
+            await asyncio.wait(tasks, timeout=0)
+
+    def _refuse_foreign_loop(self, loop: asyncio.AbstractEventLoop) -> NoReturn:
+        if loop.is_closed():
+            self._loop_closed(loop)
+            raise BatcherBrokenError(f"{self!r}: its event loop was closed") from self._broken
+        raise BatcherLoopError(
+            f"{self!r} was called from another event loop than the one that started it"
+        )
+
+    def _loop_closed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The batcher's loop was closed under it: nothing can run or resolve there any more."""
+        if self._broken is None:
+            self._broken = RuntimeError(f"the event loop {loop!r} was closed")
+        self._closed = True
+        self._open_loop = None
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
 
     def _release_threads(self) -> None:
         """Let the worker threads exit once closed and nothing can use them any more."""
@@ -295,295 +314,168 @@ class Batcher(Generic[InT, OutT]):
             self._threads.shutdown()
             self._threads = None
 
-    # -- submitting ------------------------------------------------------------------------------
+    # -- calls -----------------------------------------------------------------------------------
 
-    def __call__(
-        self, item: InT, *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> asyncio.Future[OutT]:
-        """Submit one item; await the returned future for its result.
+    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+        """Submit one item and return its result.
 
-        The request is queued at once, when this is called (not when it is awaited), so
-        ``asyncio.gather(b(x), b(y))`` batches both. Cancelling the future, or the task awaiting
-        it, cancels the request. :meth:`submit` is the coroutine form of the same call.
+        A coroutine: ``await b(x)``, ``asyncio.create_task(b(x))``, ``task_group.start_soon(b,
+        x)`` all work. The request is queued when the coroutine starts running; cancelling it
+        cancels the request (a queued one never reaches ``fn``). :meth:`submit_nowait` is the
+        future-returning twin.
 
         Args:
             item: one input for ``fn``.
             timeout: seconds until this request's deadline; ``None`` for no deadline; by default
-                the batcher's ``timeout``.
+                (:data:`~batchio.DEFAULT`) the batcher's ``timeout`` option.
 
-        Raises (from the call, or from awaiting the future):
+        Raises:
             RequestTimeoutError: the deadline passed first.
             QueueFullError: the queue is full and ``when_full="reject"``.
             BatcherClosedError: the batcher is closed or was never started.
-            BatcherBrokenError: the executor died.
-            RuntimeError: called from another event loop than the one that started the batcher.
+            BatcherBrokenError: the executor died, or its event loop was closed.
+            BatcherLoopError: called from another event loop than the one that started it.
+            BatchStalledError: the batch ran past ``batch_time_limit``.
+            BatchOutputError: ``fn`` returned something that is not one result per input.
+            BatchSizeMismatchError: ``fn`` returned the wrong number of results.
+            BatchFunctionError: ``fn`` raised a ``BaseException`` that is not an ``Exception``.
             Exception: whatever ``fn`` raised for this request's batch, or put in its slot.
         """
-        # The hot path: one exact future, one tuple, one deque append; no frame of our own.
+        entry = self._enqueue(item, timeout)
+        fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[union-attr,index]
+        try:
+            return cast(OutT, await fut)
+        except asyncio.CancelledError:
+            if fut.cancelled():  # the caller was cancelled (not: cancelled at delivery)
+                self._room.cancel(entry)
+            raise
+
+    submit = __call__
+
+    def submit_nowait(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT
+    ) -> asyncio.Future[OutT]:
+        """Submit one item now and return its future: the fast twin of ``await b(item)``.
+
+        The request is queued before this returns, so ``asyncio.gather(b.submit_nowait(x),
+        b.submit_nowait(y))`` batches both without creating tasks. Cancelling the future cancels
+        the request; such a cancellation is noticed when the request reaches the front of the
+        queue (until then its row counts in ``queue_depth`` and toward ``max_queue_size``).
+        Same arguments and errors as :meth:`__call__`.
+        """
+        entry = self._enqueue(item, timeout)
+        return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[union-attr,index,no-any-return]
+
+    def _enqueue(self, item: Any, timeout: TimeoutArg) -> Entry:
+        # The hot path: one exact future, one list, one call into the room.
         loop = self._open_loop
-        if loop is None or _thread_id() != self._open_thread:
+        if loop is None or _running_loop() is not loop:
             self._refuse()
         fut = loop.create_future()
         now = self._clock()
-        t = self._default_timeout if timeout is _DEFAULT else timeout
+        t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
         if t is None:
-            entry: Entry = (fut, item, now)
-        else:
-            _check_timeout(t)
-            entry = Request(fut, item, None, now)
-        queue = self._queue
-        if self._max_queue is not None and (self._overflow or queue.rows >= self._max_queue):
-            self._park(entry, 1)
-        else:
-            queue.dq.append(entry)
-            queue.rows += 1
-            if queue.rows >= self._wake_at_rows:
-                self._wake()
-        self._stats.submitted += 1
-        if t is not None:
-            self._set_deadline(entry, t, now)  # type: ignore[arg-type]
-        return fut
+            entry = [fut, item, now, QUEUED]
+            self._room.put_fast(entry)
+            return entry
+        req = Request(fut, item, None, now)
+        self._room.put(req)
+        req.set_deadline(loop, t, self._expire)
+        return req
 
-    async def submit(
-        self, item: InT, *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> OutT:
-        """Submit one item and return its result: the coroutine form of ``batcher(item)``.
-
-        Use it where a coroutine function is needed, e.g. ``task_group.start_soon(b.submit, x)``.
-        Same arguments and errors as :meth:`__call__`.
-        """
-        return await self(item, timeout=timeout)
-
-    def map(
-        self, items: Iterable[InT], *, timeout: float | _DefaultTimeout | None = _DEFAULT
-    ) -> asyncio.Future[list[OutT]]:
-        """Submit several items as one request; await the returned future for their results.
+    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
+        """Submit several items as one request and return their results, in order.
 
         The request counts its rows toward ``max_batch_size``; when it is larger than the room
         left in a batch it is split across batches (in order, ahead of later requests). It fails
         as a whole with the first error any of its rows gets. An empty request returns ``[]``.
         Same arguments and errors as :meth:`__call__`.
         """
+        req = self._enqueue_map(items, timeout)
+        try:
+            return cast("list[OutT]", await req.future)
+        except asyncio.CancelledError:
+            if req.future.cancelled():
+                self._room.cancel(req)
+            raise
+
+    def map_nowait(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT
+    ) -> asyncio.Future[list[OutT]]:
+        """The future-returning twin of :meth:`map` (see :meth:`submit_nowait`)."""
+        return self._enqueue_map(items, timeout).future
+
+    def _enqueue_map(self, items: Iterable[InT], timeout: TimeoutArg) -> Request:
         loop = self._open_loop
-        if loop is None or _thread_id() != self._open_thread:
+        if loop is None or _running_loop() is not loop:
             self._refuse()
+        t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
         rows = list(items)
-        t = self._default_timeout if timeout is _DEFAULT else timeout
-        if t is not None:
-            _check_timeout(t)
-        fut: asyncio.Future[list[OutT]] = loop.create_future()
-        now = loop.time()
-        req = Request(fut, None, rows, now)
+        req = Request(loop.create_future(), None, rows, self._clock())
         if not rows:
-            fut.set_result([])
-            self._stats.submitted += 1
-            self._stats.completed += 1
-            return fut
-        queue = self._queue
-        max_queue = self._max_queue
-        if max_queue is not None and (self._overflow or queue.rows + len(rows) > max_queue):
-            self._park(req, len(rows))
-        else:
-            queue.push(req)
-            if queue.rows >= self._wake_at_rows:
-                self._wake()
-        self._stats.submitted += 1
+            self._outcomes.accept_empty(req)
+            return req
+        self._room.put(req)
         if t is not None:
-            self._set_deadline(req, cast(float, t), now)
-        return fut
+            req.set_deadline(loop, t, self._expire)
+        return req
 
     def _refuse(self) -> NoReturn:
-        """Raise the reason this batcher cannot take a request from here, now."""
+        """Raise the reason this batcher cannot take a request from here, now; queue nothing."""
         if self._broken is not None:
             raise BatcherBrokenError(f"{self!r} is broken") from self._broken
-        if self._closed or self._loop is None:
+        loop = self._loop
+        if loop is not None and loop.is_closed():
+            self._refuse_foreign_loop(loop)
+        if self._closed or loop is None:
             raise BatcherClosedError(
                 f"{self!r} is not accepting requests"
-                + ("" if self._loop else "; use it as `async with Batcher(...) as b:`")
+                + ("" if loop else "; use it as `async with Batcher(...) as b:`")
             )
-        asyncio.get_running_loop()  # raises "no running event loop" outside async code
-        raise RuntimeError(f"{self!r} belongs to another event loop (and thread)")
-
-    def _park(self, entry: Entry, rows: int) -> None:
-        """The queue looks full: count it exactly, then queue, reject, or park for room."""
-        queue = self._queue
-        max_queue = cast(int, self._max_queue)
-        queue.purge()
-        self._purge_overflow()
-        self._admit_overflow()
-        if not self._overflow and queue.rows + rows <= max_queue:
-            queue.push(entry)
-            if queue.rows >= self._wake_at_rows:
-                self._wake()
-            return
-        if not self._wait_for_room or rows > max_queue:
-            self._stats.rejected += 1
-            raise QueueFullError(queue.rows, rows, max_queue)
-        if type(entry) is Request:
-            entry.parked = True
-        self._overflow.append(entry)
-        self._wake()  # the queue is full: the policy dispatches without waiting for max_wait
-
-    def _purge_overflow(self) -> None:
-        overflow = self._overflow
-        if overflow:
-            live = [e for e in overflow if not future_of(e).done()]
-            if len(live) != len(overflow):
-                for e in overflow:
-                    if future_of(e).done():
-                        self._note_dead_parked(e)
-                self._overflow = deque(live)
-
-    def _note_dead_parked(self, entry: Entry) -> None:
-        """A parked entry whose future is done: count a cancellation once; it holds no rows."""
-        if type(entry) is tuple:
-            self._stats.cancelled += 1
-            return
-        req = cast(Request, entry)
-        req.parked = False
-        req.undispatched = 0
-        if req.timer is not None:
-            req.timer.cancel()
-        if not req.counted and req.future.cancelled():
-            req.counted = True
-            self._stats.cancelled += 1
-
-    def _admit_overflow(self) -> None:
-        """Move entries waiting for room into the queue, in order, while they fit."""
-        overflow = self._overflow
-        if not overflow:
-            return
-        queue = self._queue
-        max_queue = cast(int, self._max_queue)
-        purged = False
-        while overflow:
-            entry = overflow[0]
-            if future_of(entry).done():
-                overflow.popleft()
-                self._note_dead_parked(entry)
-                continue
-            if queue.rows + rows_of(entry) > max_queue:
-                if purged:
-                    break
-                queue.purge()  # cancelled entries may be holding the room
-                purged = True
-                continue
-            overflow.popleft()
-            if type(entry) is Request:
-                entry.parked = False
-            queue.push(entry)
-        if queue.rows >= self._wake_at_rows:
-            self._wake()
-
-    def _set_deadline(self, req: Request, timeout: float, now: float) -> None:
-        loop = cast(asyncio.AbstractEventLoop, self._loop)
-        req.timeout = timeout
-        req.deadline = now + timeout
-        req.timer = loop.call_at(req.deadline, self._expire, req)
+        if _running_loop() is None:
+            raise BatcherLoopError(f"{self!r} was called outside a running event loop")
+        self._refuse_foreign_loop(loop)
 
     def _expire(self, req: Request) -> None:
-        """A request's deadline passed (its timer fired, or a batch was forming without it)."""
-        fut = req.future
-        if fut.done():
-            self._note_if_cancelled(req)
-            return
-        dispatched = req.undispatched < req.rows
-        fut.set_exception(RequestTimeoutError(req.timeout, dispatched=dispatched))
-        req.counted = True
-        self._stats.timed_out += 1
-        self._drop_queued(req)
-
-    def _drop_queued(self, req: Request) -> None:
-        """Forget the rows of ``req`` still waiting, in the queue or parked for room."""
-        if req.timer is not None:
-            req.timer.cancel()
-        if req.parked:
-            self._overflow.remove(req)
-            req.parked = False
-            req.undispatched = 0
-        elif req.undispatched:
-            self._queue.discard(req)
-        self._admit_overflow()
-
-    def _fail_owner(self, owner: asyncio.Future[Any] | Request, exc: BaseException) -> None:
-        """Fail one request of a finished batch (or note that its caller had cancelled)."""
-        exc = settleable(exc)
-        if type(owner) is Request:
-            fut = owner.future
-            if not fut.done():
-                fut.set_exception(exc)
-                self._stats.failed += 1
-                owner.counted = True
-                self._drop_queued(owner)
-            else:
-                self._note_if_cancelled(owner)
-            return
-        fut = cast("asyncio.Future[Any]", owner)
-        if not fut.done():
-            fut.set_exception(exc)
-            self._stats.failed += 1
-        elif fut.cancelled():
-            self._stats.cancelled += 1
-
-    def _note_if_cancelled(self, req: Request) -> None:
-        """``req`` is done: if its caller cancelled it, count that once and drop its queued rows."""
-        if req.future.cancelled() and not req.counted:
-            req.counted = True
-            self._stats.cancelled += 1
-            self._drop_queued(req)
+        self._outcomes.time_out(req)
 
     def _fail_queued(self, exc: BaseException) -> None:
-        """Fail every request not yet dispatched (close with cancel_pending, or a dead executor)."""
-        parked = list(self._overflow)
-        self._overflow.clear()
-        for entry in (*self._queue.drain(), *parked):
-            fut = future_of(entry)
-            if type(entry) is Request:
-                entry.parked = False
-                entry.undispatched = 0
-                if entry.timer is not None:
-                    entry.timer.cancel()
-                if fut.done():
-                    if fut.cancelled() and not entry.counted:
-                        entry.counted = True
-                        self._stats.cancelled += 1
-                    continue
-                entry.counted = True
-            elif fut.done():
-                self._stats.cancelled += 1
-                continue
-            fut.set_exception(exc)
-            self._stats.failed += 1
+        """Fail every request not yet dispatched (close, or a dead executor)."""
+        entries = self._room.drain()
+        self._outcomes.fail_all(
+            [e if type(e) is Request else e[FUT] for e in entries],  # type: ignore[index]
+            exc,
+        )
 
     # -- the executor ----------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        self._wake_at_rows = _INF
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def _executor(self) -> None:
         loop = cast(asyncio.AbstractEventLoop, self._loop)
-        queue = self._queue
+        room = self._room
         decide = self._policy.decide
+        max_queue = self._options.max_queue_size
+        concurrency = self._options.max_concurrent_batches
+        clock = self._clock
         while True:
-            if self._overflow:
-                self._admit_overflow()
-            # First drop cancelled entries at the front, so the row count below is current.
-            oldest = queue.oldest_enqueued_at()
-            if self._closed and not queue.rows and not self._overflow:
+            if room.parked_rows:
+                room.admit_parked()
+            room.drop_dead_front()  # so the row count and the oldest arrival below are live
+            if self._closed and room.empty:
                 return
-            now = loop.time()
+            now = clock()
             decision = decide(
                 QueueState(
                     now=now,
-                    queued_rows=queue.rows,
-                    oldest_enqueued_at=oldest,
-                    free_slots=self._max_concurrent - self._in_flight,
+                    queued_rows=room.rows,
+                    oldest_enqueued_at=room.oldest_enqueued_at(),
+                    free_slots=concurrency - self._in_flight,
                     closing=self._closed,
-                    queue_full=self._max_queue is not None
-                    and (queue.rows >= self._max_queue or bool(self._overflow)),
+                    queue_full=room.full,
                 )
             )
             if isinstance(decision, Dispatch):
@@ -591,30 +483,23 @@ class Batcher(Generic[InT, OutT]):
                 continue
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
-            if wake_at is not None and self._max_queue is not None:
-                wake_at = min(wake_at, self._max_queue)  # a full queue is as full as it gets
-            self._wake_at_rows = _INF if wake_at is None else wake_at
+            if wake_at is not None and max_queue is not None:
+                wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
             timer = (
                 None if decision.deadline is None else loop.call_at(decision.deadline, self._wake)
             )
-            # Rows may have arrived since the policy looked (nothing yields in between, but a
-            # policy can ask for fewer rows than are already queued).
-            if queue.rows >= self._wake_at_rows:
-                self._wake()
+            room.wake_at(_INF if wake_at is None else wake_at)  # wakes at once if already there
             try:
                 await waiter
             finally:
                 self._waiter = None
-                self._wake_at_rows = _INF
+                room.wake_at(_INF)
                 if timer is not None:
                     timer.cancel()
 
     def _dispatch(self, rows: int, now: float) -> None:
-        batch, expired, waits = self._queue.take(rows, now)
-        for req in expired:
-            self._expire(req)
-        self._stats.queue_waits.extend(waits)
-        self._admit_overflow()
+        batch, waits = self._room.take(rows, now)
+        self._tally.queue_waits.extend(waits)
         if not batch.inputs:
             return
         self._in_flight += 1
@@ -626,6 +511,7 @@ class Batcher(Generic[InT, OutT]):
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
         self._in_flight -= 1
+        _consume(task)  # its outcome was delivered to its requests already
         self._wake()
         if self._closed:
             self._release_threads()
@@ -644,22 +530,20 @@ class Batcher(Generic[InT, OutT]):
             _log.debug("batchio executor of %r was cancelled", self)
         else:
             _log.error("batchio executor of %r died", self, exc_info=cause)
-        self._broken = cause
+        self._break(cause)
+
+    def _break(self, cause: BaseException) -> None:
+        """The batcher can no longer run batches: fail everything pending, refuse new calls."""
+        if self._broken is None:
+            self._broken = cause
         self._closed = True
         self._open_loop = None
-        broken = BatcherBrokenError(f"{self!r} executor died: {cause!r}")
+        broken = BatcherBrokenError(f"{self!r} broke: {cause!r}")
         broken.__cause__ = cause
         self._fail_queued(broken)
-        # Running batches are failed now, so nobody waits; cancellations among them are counted
-        # when each batch finishes, as usual.
         for batch in self._running.values():
-            for owner in batch.owners:
-                fut = owner.future if type(owner) is Request else owner
-                if not fut.done():  # type: ignore[union-attr]
-                    fut.set_exception(broken)  # type: ignore[union-attr]
-                    self._stats.failed += 1
-                    if type(owner) is Request:
-                        owner.counted = True
+            self._outcomes.fail_all(batch.owners, broken)
+        self._wake()
         self._release_threads()
 
     # -- running one batch -------------------------------------------------------------------------
@@ -667,140 +551,100 @@ class Batcher(Generic[InT, OutT]):
     async def _run_batch(self, batch: Batch, dispatched_at: float) -> None:
         """Run ``fn`` on one batch and deliver: the one exception boundary per batch."""
         n = len(batch.inputs)
+        isolate = self._options.isolate_errors
+        limit = self._options.batch_time_limit
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         delivered = False
         try:
             try:
                 if self._is_async:
-                    outcomes = await self._call_async(batch.inputs)
+                    work = call_async(self._fn, batch.inputs, isolate)  # type: ignore[arg-type]
+                    if limit is None:
+                        outcomes = await work
+                    else:
+                        outcomes = await self._within_limit(batch, loop.create_task(work), limit)
                 else:
                     threads = cast(WorkerThreads, self._threads)
-                    outcomes = await threads.run(self._call_sync, batch.inputs)
+                    job = batch.job = threads.run(
+                        functools.partial(call_sync, self._fn, isolate=isolate), batch.inputs
+                    )
+                    if limit is None:
+                        outcomes = await job.future
+                    else:
+                        outcomes = await self._within_limit(batch, job, limit)
             except Exception as exc:
-                for owner in batch.owners:
-                    self._fail_owner(owner, exc)
+                self._outcomes.fail_all(batch.owners, exc)
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, _PROPAGATE) or (
+                    isinstance(exc, asyncio.CancelledError) and task and task.cancelling()
+                ):
+                    raise  # ours to propagate; `finally` fails the batch's requests
+                err = BatchFunctionError(
+                    f"the batch function raised {exc!r}, a BaseException that is not an "
+                    "Exception; the batch failed, the batcher carries on"
+                )
+                err.__cause__ = exc
+                self._outcomes.fail_all(batch.owners, err)
             else:
-                self._deliver(batch, outcomes)
+                if outcomes is not None:  # None: the batch stalled and was failed already
+                    self._outcomes.deliver(batch, outcomes)
             delivered = True
+        except _PROPAGATE as exc:
+            self._break(exc)
+            raise
         finally:
-            stats = self._stats
-            stats.batches += 1
-            stats.rows += n
-            stats.histogram[n] += 1
-            stats.batch_runs.append(loop.time() - dispatched_at)
+            batch.job = None
+            self._tally.batch_ran(n, self._clock() - dispatched_at)
             if not delivered:
-                # Only a cancellation (loop shutdown) or a bug in delivery gets here: nobody may be
-                # left waiting on a batch that will never report.
+                # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
+                # be left waiting on a batch that will never report.
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
-                for owner in batch.owners:
-                    self._fail_owner(owner, broken)
+                self._outcomes.fail_all(batch.owners, broken)
 
-    def _call_sync(self, inputs: list[Any]) -> Sequence[Any]:
-        fn = cast(Callable[[list[Any]], Any], self._fn)
-        if not self._isolate:
-            return _as_outputs(fn(inputs), len(inputs))
+    async def _within_limit(
+        self, batch: Batch, work: Job | asyncio.Task[list[Any]], limit: float
+    ) -> list[Any] | None:
+        """Await ``work`` for at most ``limit`` seconds; past it, fail the batch as stalled,
+        abandon the work, and return None."""
+        fut = work.future if isinstance(work, Job) else work
         try:
-            return _as_outputs(fn(list(inputs)), len(inputs))
-        except Exception as exc:
-            if len(inputs) == 1:
-                return [exc]
-            mid = len(inputs) // 2
-            return [*self._call_sync(inputs[:mid]), *self._call_sync(inputs[mid:])]
-
-    async def _call_async(self, inputs: list[Any]) -> Sequence[Any]:
-        fn = cast(Callable[[list[Any]], Awaitable[Any]], self._fn)
-        if not self._isolate:
-            return _as_outputs(await fn(inputs), len(inputs))
-        try:
-            return _as_outputs(await fn(list(inputs)), len(inputs))
-        except Exception as exc:
-            if len(inputs) == 1:
-                return [exc]
-            mid = len(inputs) // 2
-            return [*await self._call_async(inputs[:mid]), *await self._call_async(inputs[mid:])]
-
-    def _deliver(self, batch: Batch, outcomes: Sequence[Any]) -> None:
-        """Hand each request its own slice of the outcomes (results, or errors in slots)."""
-        stats = self._stats
-        owners = batch.owners
-        if batch.simple and not any(map(isinstance, outcomes, repeat(BaseException))):
-            # The fast path: one plain future per row and no errors in slots.
-            skipped = cancelled = 0
-            futures = cast("list[asyncio.Future[Any]]", owners)
-            for fut, out in zip(futures, outcomes, strict=True):
-                try:
-                    fut.set_result(out)
-                except asyncio.InvalidStateError:
-                    if fut.cancelled():
-                        cancelled += 1
-                    else:  # failed already (the executor died meanwhile)
-                        skipped += 1
-            stats.completed += len(owners) - cancelled - skipped
-            stats.cancelled += cancelled
-            return
-        start = 0
-        for i, owner in enumerate(owners):
-            count = 1 if batch.simple else batch.counts[i]
-            chunk = outcomes[start : start + count]
-            start += count
-            error = next((o for o in chunk if isinstance(o, BaseException)), None)
-            if error is not None:
-                self._fail_owner(owner, error)
-                continue
-            if type(owner) is not Request:
-                fut = cast("asyncio.Future[Any]", owner)
-                if not fut.done():
-                    fut.set_result(chunk[0])
-                    stats.completed += 1
-                elif fut.cancelled():
-                    stats.cancelled += 1
-                continue
-            req = owner
-            if req.future.done():  # cancelled, timed out or failed meanwhile
-                self._note_if_cancelled(req)
-                continue
-            if req.results is None:
-                req.future.set_result(chunk[0])
+            done, _ = await asyncio.wait([fut], timeout=limit)
+        except asyncio.CancelledError:
+            if isinstance(work, Job):
+                fut.cancel()
             else:
-                offset = batch.offsets[i]
-                req.results[offset : offset + count] = chunk
-                req.outstanding -= count
-                if req.outstanding:
-                    continue
-                req.future.set_result(req.results)
-            req.counted = True
-            if req.timer is not None:
-                req.timer.cancel()
-            stats.completed += 1
+                work.cancel()
+            raise
+        if done:
+            return fut.result()
+        self._tally.counts[STALLED] += 1
+        _log.warning("batchio batch of %r stalled (batch_time_limit=%g s)", self, limit)
+        self._outcomes.fail_all(batch.owners, BatchStalledError(limit))
+        if isinstance(work, Job):
+            cast(WorkerThreads, self._threads).abandon(work)
+            fut.cancel()
+        else:
+            work.cancel()  # an async fn that ignores it keeps running, detached from the batch
+            self._abandoned_tasks.add(work)
+            work.add_done_callback(self._abandoned_tasks.discard)
+            work.add_done_callback(_consume)
+        return None
 
     # -- introspection ---------------------------------------------------------------------------
 
     def statistics(self) -> BatcherStatistics:
         """Return a frozen snapshot of this batcher's counters and timings.
 
-        It changes nothing, so it may be called from any thread (a metrics scraper, say).
-        Cancelled requests the batcher has not dropped yet are already counted as cancelled.
+        It changes nothing, so it may be called from any thread (a metrics scraper, say), and
+        every snapshot is consistent: ``submitted == completed + failed + cancelled + timed_out +
+        pending`` with ``pending >= 0``, even when taken during a burst.
         """
-        queued = cancelled = 0
-        # list() copies a deque atomically under the GIL; the scan below reads only the copies.
-        for entry in (*list(self._queue.dq), *list(self._overflow)):
-            if type(entry) is tuple:
-                if entry[0].done():
-                    cancelled += 1
-                else:
-                    queued += 1
-                continue
-            req = cast(Request, entry)
-            if not req.undispatched:
-                continue
-            if not req.future.done():
-                queued += req.undispatched
-            elif req.future.cancelled() and not req.counted:
-                cancelled += 1
-        return self._stats.snapshot(
-            queue_depth=queued,
+        threads = self._threads
+        return self._tally.snapshot(
+            queue_depth=self._room.depth,
             in_flight=self._in_flight,
             healthy=self._broken is None,
             closed=self._closed,
-            uncounted_cancelled=cancelled,
+            abandoned_workers=threads.abandoned if threads is not None else 0,
         )

@@ -6,7 +6,11 @@
      ├── QueueFullError          the queue is at max_queue_size (load shedding)
      ├── BatcherClosedError      you closed the batcher, or never started it
      ├── BatcherBrokenError      the executor died: an external cause, not your call
+     ├── BatcherLoopError        called from another event loop than the batcher's (RuntimeError)
      ├── BatchSizeMismatchError  fn returned the wrong number of results (also a ValueError)
+     ├── BatchOutputError        fn returned something that is not one result per input (TypeError)
+     ├── BatchFunctionError      fn raised a BaseException that is not an Exception
+     ├── BatchStalledError       the batch ran past batch_time_limit (also a TimeoutError)
      └── RequestTimeoutError     the request's deadline passed (also a TimeoutError)
 
 Errors raised by *your* batch function are delivered to the callers as they are (the same
@@ -16,9 +20,13 @@ exception object to every request of the failed batch), so ``except MyModelError
 from __future__ import annotations
 
 __all__ = [
+    "BatchFunctionError",
+    "BatchOutputError",
     "BatchSizeMismatchError",
+    "BatchStalledError",
     "BatcherBrokenError",
     "BatcherClosedError",
+    "BatcherLoopError",
     "BatchioError",
     "QueueFullError",
     "RequestTimeoutError",
@@ -88,3 +96,50 @@ class RequestTimeoutError(BatchioError, TimeoutError):
         self.dispatched = dispatched
         where = "while its batch was running" if dispatched else "while queued"
         super().__init__(f"request timed out after {timeout:g} s ({where})")
+
+
+class BatcherLoopError(BatchioError, RuntimeError):
+    """Raised by a call from another event loop (or thread) than the one that started the batcher.
+
+    A batcher belongs to one running event loop; nothing is queued when this is raised. (A
+    batcher whose loop has been closed raises :class:`BatcherBrokenError` instead.)
+    """
+
+
+class BatchOutputError(BatchioError, TypeError):
+    """Raised to every request of a batch whose function returned something other than one
+    result per input: a set or mapping (whose order would cross results between callers), a
+    string, a scalar, ``None``, or an awaitable from a sync function.
+    """
+
+    def __init__(self, returned: type, why: str) -> None:
+        self.returned = returned
+        super().__init__(
+            f"batch function returned a {returned.__qualname__}: {why}. It must return one "
+            "result per input, in order: a sequence (list, tuple), an iterator, or an array "
+            "with a leading batch dimension"
+        )
+
+
+class BatchFunctionError(BatchioError):
+    """Raised to every request of a batch whose function raised a ``BaseException`` that is not
+    an ``Exception`` (a custom ``BaseException`` subclass, ``GeneratorExit``, or a
+    ``CancelledError`` the function raised itself). ``__cause__`` is the original.
+
+    The batcher stays healthy: the batch failed, not the batcher. ``KeyboardInterrupt`` and
+    ``SystemExit`` are different: they propagate, and the batcher breaks.
+    """
+
+
+class BatchStalledError(BatchioError, TimeoutError):
+    """Raised to every request of a batch that ran longer than ``batch_time_limit``.
+
+    The stuck worker thread is abandoned and replaced (an ``async def`` function is cancelled),
+    so later batches run; ``statistics().stalled_batches`` counts these batches.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        super().__init__(
+            f"batch stalled: the batch function ran longer than batch_time_limit={limit:g} s"
+        )

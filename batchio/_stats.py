@@ -46,6 +46,8 @@ class BatcherStatistics:
     Request counters count calls (a ``map`` of k items is one request of k rows).
     ``submitted == completed + failed + cancelled + timed_out + pending``, where ``pending``
     is every accepted request still queued or running; ``rejected`` requests were never accepted.
+    Every snapshot is consistent, including one taken from another thread during a burst: the
+    counters are copied in one atomic step.
 
     Attributes:
         submitted: requests accepted into the queue.
@@ -62,6 +64,10 @@ class BatcherStatistics:
         batch_run: how long each batch took, from dispatch to results delivered.
         queue_depth: rows queued now.
         in_flight_batches: batches running now.
+        stalled_batches: batches that ran past ``batch_time_limit`` (their requests failed with
+            ``BatchStalledError``).
+        abandoned_workers: worker threads left behind in a stalled batch that have not returned
+            yet (each was replaced, so the batcher keeps its capacity).
         healthy: False once the executor has died (see ``BatcherBrokenError``).
         closed: the batcher no longer accepts requests.
     """
@@ -80,6 +86,8 @@ class BatcherStatistics:
     batch_run: Percentiles
     queue_depth: int
     in_flight_batches: int
+    stalled_batches: int
+    abandoned_workers: int
     healthy: bool
     closed: bool
 
@@ -89,35 +97,42 @@ class BatcherStatistics:
         return self.rows / self.batches if self.batches else 0.0
 
 
-class StatsRecorder:
-    """The mutable counters behind :class:`BatcherStatistics` (internal)."""
+# Indexes of the counters in ``Tally.counts``: one list, so a reader on another thread copies
+# all of them in one atomic step (``list.copy`` holds the GIL throughout) and every identity
+# between them holds in the copy.
+SUBMITTED: Final = 0
+COMPLETED: Final = 1
+FAILED: Final = 2
+CANCELLED: Final = 3
+TIMED_OUT: Final = 4
+REJECTED: Final = 5
+BATCHES: Final = 6
+ROWS: Final = 7
+STALLED: Final = 8
+_COUNTERS: Final = 9
 
-    __slots__ = (
-        "batch_runs",
-        "batches",
-        "cancelled",
-        "completed",
-        "failed",
-        "histogram",
-        "queue_waits",
-        "rejected",
-        "rows",
-        "submitted",
-        "timed_out",
-    )
+
+class Tally:
+    """The mutable counters and samples behind :class:`BatcherStatistics` (internal).
+
+    Only the event loop's thread writes them; :meth:`snapshot` may run on any thread.
+    """
+
+    __slots__ = ("batch_runs", "counts", "histogram", "queue_waits")
 
     def __init__(self) -> None:
-        self.submitted = 0
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.timed_out = 0
-        self.rejected = 0
-        self.batches = 0
-        self.rows = 0
+        self.counts = [0] * _COUNTERS
         self.histogram: Counter[int] = Counter()
         self.queue_waits: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.batch_runs: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+
+    def batch_ran(self, rows: int, seconds: float) -> None:
+        """Count one batch of ``rows`` rows that took ``seconds`` from dispatch to delivery."""
+        counts = self.counts
+        counts[BATCHES] += 1
+        counts[ROWS] += rows
+        self.histogram[rows] += 1
+        self.batch_runs.append(seconds)
 
     def snapshot(
         self,
@@ -126,25 +141,31 @@ class StatsRecorder:
         in_flight: int,
         healthy: bool,
         closed: bool,
-        uncounted_cancelled: int = 0,
+        abandoned_workers: int = 0,
     ) -> BatcherStatistics:
-        cancelled = self.cancelled + uncounted_cancelled
-        resolved = self.completed + self.failed + cancelled + self.timed_out
+        """A frozen, self-consistent copy, safe to take from any thread."""
+        c = self.counts.copy()
+        histogram = dict(self.histogram)
+        queue_waits = list(self.queue_waits)
+        batch_runs = list(self.batch_runs)
+        resolved = c[COMPLETED] + c[FAILED] + c[CANCELLED] + c[TIMED_OUT]
         return BatcherStatistics(
-            submitted=self.submitted,
-            completed=self.completed,
-            failed=self.failed,
-            cancelled=cancelled,
-            timed_out=self.timed_out,
-            rejected=self.rejected,
-            pending=self.submitted - resolved,
-            batches=self.batches,
-            rows=self.rows,
-            batch_size_histogram=MappingProxyType(dict(sorted(self.histogram.items()))),
-            queue_wait=Percentiles.of(self.queue_waits),
-            batch_run=Percentiles.of(self.batch_runs),
+            submitted=c[SUBMITTED],
+            completed=c[COMPLETED],
+            failed=c[FAILED],
+            cancelled=c[CANCELLED],
+            timed_out=c[TIMED_OUT],
+            rejected=c[REJECTED],
+            pending=c[SUBMITTED] - resolved,
+            batches=c[BATCHES],
+            rows=c[ROWS],
+            batch_size_histogram=MappingProxyType(dict(sorted(histogram.items()))),
+            queue_wait=Percentiles.of(queue_waits),
+            batch_run=Percentiles.of(batch_runs),
             queue_depth=queue_depth,
             in_flight_batches=in_flight,
+            stalled_batches=c[STALLED],
+            abandoned_workers=abandoned_workers,
             healthy=healthy,
             closed=closed,
         )

@@ -1,43 +1,98 @@
-"""The batcher's own worker threads: where a sync batch function runs.
+"""Where a batch function runs: calling it, checking what it returned, bisecting a failed batch,
+and the batcher's own worker threads for a sync function.
 
-A job goes in through a ``queue.SimpleQueue`` and its outcome comes back with one
+A job goes to the threads through a ``queue.SimpleQueue`` and its outcome comes back with one
 ``loop.call_soon_threadsafe``. That round trip costs about half of ``loop.run_in_executor`` with a
-``ThreadPoolExecutor`` (no ``concurrent.futures.Future``, locks or chained callbacks in between),
-and a third of ``anyio.to_thread.run_sync`` (measured in ``docs/design.md``). The threads belong to
-one batcher, so a model, its CUDA context and any thread-local state stay on the same thread.
+``ThreadPoolExecutor`` and a third of ``anyio.to_thread.run_sync`` (measured in
+``docs/design.md``). The threads belong to one batcher, so a model, its CUDA context and any
+thread-local state stay on the same threads.
+
+A thread stuck in a stalled batch cannot be interrupted: it is *abandoned* (its eventual outcome
+is dropped, and the thread exits when it returns) and a new thread takes its place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import queue
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._exceptions import BatchOutputError, BatchSizeMismatchError
+from ._outcomes import settleable
+from ._outputs import output_rows
 
 __all__: list[str] = []
 
-T = TypeVar("T")
+# Errors about what fn returned, not about any input: bisecting would only repeat them.
+_CONTRACT_ERRORS = (BatchOutputError, BatchSizeMismatchError)
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Any], Any], Any]
+
+def is_async_callable(fn: object) -> bool:
+    """True for an ``async def`` function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with an async __call__
+    )
 
 
-def settleable(exc: BaseException) -> BaseException:
-    """``exc``, or a ``RuntimeError`` wrapping it if a future cannot hold it.
+def call_sync(fn: Callable[[list[Any]], Any], inputs: list[Any], isolate: bool) -> list[Any]:
+    """Run a sync ``fn`` on ``inputs`` (on a worker thread); one outcome per input.
 
-    asyncio futures refuse ``StopIteration`` (it would end the awaiting coroutine instead of being
-    raised in it); Python's coroutines convert it the same way.
+    With ``isolate``, a batch that raises is re-run in halves until each failing input is found;
+    it gets the error in its slot, and the others their results.
     """
-    if isinstance(exc, StopIteration):
-        wrapped = RuntimeError(f"the batch function raised {exc!r}")
-        wrapped.__cause__ = exc
-        return wrapped
-    return exc
+    if not isolate:
+        return output_rows(fn(inputs), len(inputs))
+    try:
+        return output_rows(fn(list(inputs)), len(inputs))  # a copy: fn may mutate its list
+    except _CONTRACT_ERRORS:
+        raise
+    except Exception as exc:
+        if len(inputs) == 1:
+            return [exc]
+        mid = len(inputs) // 2
+        return [*call_sync(fn, inputs[:mid], True), *call_sync(fn, inputs[mid:], True)]
+
+
+async def call_async(
+    fn: Callable[[list[Any]], Awaitable[Any]], inputs: list[Any], isolate: bool
+) -> list[Any]:
+    """The ``async def`` form of :func:`call_sync`, awaited on the event loop."""
+    if not isolate:
+        return output_rows(await fn(inputs), len(inputs))
+    try:
+        return output_rows(await fn(list(inputs)), len(inputs))
+    except _CONTRACT_ERRORS:
+        raise
+    except Exception as exc:
+        if len(inputs) == 1:
+            return [exc]
+        mid = len(inputs) // 2
+        first = await call_async(fn, inputs[:mid], True)
+        return [*first, *await call_async(fn, inputs[mid:], True)]
+
+
+class Job:
+    """One call of a function on a worker thread; ``future`` completes on the caller's loop."""
+
+    __slots__ = ("abandoned", "arg", "finished", "fn", "future", "loop")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], Any], arg: Any
+    ) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.fn: Callable[[Any], Any] | None = fn
+        self.arg = arg
+        self.abandoned = False
+        self.finished = False
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    # The awaiting batch task may have been cancelled (loop shutdown): then nobody wants this.
+    # The awaiting batch may be gone (stalled, cancelled at loop shutdown): then nobody wants it.
     if fut.done():
         return
     if ok:
@@ -46,49 +101,89 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
-def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
+class _Shared:
+    """What the threads share with their owner (not the owner itself, so it can be collected)."""
+
+    __slots__ = ("abandoned", "count", "jobs", "lock")
+
+    def __init__(self, count: int) -> None:
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.count = count  # threads that take jobs (abandoned ones excluded)
+        self.abandoned = 0  # abandoned threads that have not returned yet
+
+
+def _work(shared: _Shared) -> None:
+    jobs = shared.jobs
     while (job := jobs.get()) is not None:
-        loop, fut, fn, arg = job
+        fn, arg = job.fn, job.arg
+        job.fn = job.arg = None
         try:
-            outcome: tuple[bool, Any] = (True, fn(arg))
+            outcome: tuple[bool, Any] = (True, fn(arg))  # type: ignore[misc]
         except BaseException as exc:  # delivered to the batch, which decides what to catch
             outcome = (False, settleable(exc))
-        del job, fn, arg  # drop the batch's inputs before waiting for the next job
+        del fn, arg  # drop the batch's inputs before waiting for the next job
+        with shared.lock:  # decided once: either abandoned, or finished in time
+            if job.abandoned:
+                shared.abandoned -= 1
+                return  # a replacement took this thread's place
+            job.finished = True
         try:
-            loop.call_soon_threadsafe(_settle, fut, *outcome)
+            job.loop.call_soon_threadsafe(_settle, job.future, *outcome)
         except RuntimeError:  # the loop was closed meanwhile: nobody is waiting
             pass
-        del fut, outcome
+        del job, outcome
+
+
+def _stop(shared: _Shared) -> None:
+    for _ in range(shared.count):
+        shared.jobs.put(None)
 
 
 class WorkerThreads:
-    """``count`` daemon threads that run ``fn(arg)`` jobs and report to the caller's loop."""
+    """``count`` daemon threads that run jobs and report to the job's loop."""
 
-    __slots__ = ("__weakref__", "_jobs", "_threads")
+    __slots__ = ("__weakref__", "_name", "_serial", "_shared")
 
     def __init__(self, count: int, name: str) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=_work, args=(self._jobs,), name=f"{name}-{i}", daemon=True)
-            for i in range(count)
-        ]
-        for t in self._threads:
-            t.start()
+        self._shared = _Shared(count)
+        self._name = name
+        self._serial = 0
+        for _ in range(count):
+            self._spawn()
         # Threads exit if the owner forgets to shut them down (e.g. its event loop just ended).
-        weakref.finalize(self, _stop, self._jobs, count)
+        weakref.finalize(self, _stop, self._shared)
 
-    def run(self, fn: Callable[[Any], T], arg: Any) -> asyncio.Future[T]:
-        """Run ``fn(arg)`` on a worker thread; the returned future completes on this loop."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, fut, fn, arg))
-        return fut
+    @property
+    def abandoned(self) -> int:
+        """Abandoned threads still stuck in their job."""
+        return self._shared.abandoned
+
+    def _spawn(self) -> None:
+        name = f"{self._name}-{self._serial}"
+        self._serial += 1
+        threading.Thread(target=_work, args=(self._shared,), name=name, daemon=True).start()
+
+    def run(self, fn: Callable[[Any], Any], arg: Any) -> Job:
+        """Run ``fn(arg)`` on a worker thread; await the returned job's ``future``."""
+        job = Job(asyncio.get_running_loop(), fn, arg)
+        self._shared.jobs.put(job)
+        return job
+
+    def abandon(self, job: Job, *, replace: bool = True) -> None:
+        """Give up on ``job`` (stalled, or closing): drop its outcome; with ``replace``, start a
+        thread in its place."""
+        shared = self._shared
+        with shared.lock:
+            if job.abandoned or job.finished:
+                return
+            job.abandoned = True
+            shared.abandoned += 1
+            if not replace:
+                shared.count -= 1
+        if replace:
+            self._spawn()
 
     def shutdown(self) -> None:
         """Let the threads exit once the jobs already submitted are done; does not wait."""
-        _stop(self._jobs, len(self._threads))
-
-
-def _stop(jobs: queue.SimpleQueue[_Job | None], count: int) -> None:
-    for _ in range(count):
-        jobs.put(None)
+        _stop(self._shared)

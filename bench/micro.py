@@ -78,7 +78,7 @@ async def hop_batchio(n: int = 3000) -> float:
     try:
         start = time.process_time()
         for i in range(n):
-            await threads.run(noop, i)
+            await threads.run(noop, i).future
         return (time.process_time() - start) / n
     finally:
         threads.shutdown()

@@ -45,10 +45,10 @@ async def test_parked_request_is_admitted_once_cancelled_rows_free_the_queue() -
     async with Batcher(
         fn, max_batch_size=2, max_wait=HOUR, max_queue_size=2, when_full="wait"
     ) as b:
-        blocker = b.map([0, 0])  # a full batch: dispatched at once, holds the only slot
+        blocker = b.map_nowait([0, 0])  # a full batch: dispatched at once, holds the only slot
         await fn.wait_entered(1)
-        a, c = b(1), b(2)  # fill the queue (2 rows)
-        parked = b(3)  # no room: parked
+        a, c = b.submit_nowait(1), b.submit_nowait(2)  # fill the queue (2 rows)
+        parked = b.submit_nowait(3)  # no room: parked
         await wait_all_tasks_blocked()
         a.cancel()
         c.cancel()
@@ -56,7 +56,7 @@ async def test_parked_request_is_admitted_once_cancelled_rows_free_the_queue() -
         assert await blocker == [0, 0]
         await wait_all_tasks_blocked()  # the executor has looked at the queue and gone to sleep
         with anyio.fail_after(5):
-            later = b(4)
+            later = b.submit_nowait(4)
             assert list(await asyncio.gather(parked, later)) == [6, 8]
 
 
@@ -70,8 +70,8 @@ async def test_aclose_drains_a_parked_request_behind_a_cancelled_one() -> None:
     fn = GatedBatchFn(double)
     b = Batcher(fn, max_batch_size=2, max_wait=HOUR, max_queue_size=1, when_full="wait")
     await b.__aenter__()
-    first = b(1)
-    parked = b(2)
+    first = b.submit_nowait(1)
+    parked = b.submit_nowait(2)
     await wait_all_tasks_blocked()
     first.cancel()
     with anyio.fail_after(5):
@@ -115,7 +115,7 @@ async def test_stop_iteration_in_a_slot_fails_only_that_request() -> None:
         return fn(items)
 
     async with Batcher(gated_fn, max_batch_size=3, max_wait=HOUR) as b:
-        victim, bad, good = b(0), b(1), b(2)
+        victim, bad, good = b.submit_nowait(0), b.submit_nowait(1), b.submit_nowait(2)
         await gate.wait_entered(1)
         victim.cancel()
         await wait_all_tasks_blocked()
@@ -138,7 +138,7 @@ async def test_cancelled_aclose_still_releases_worker_threads() -> None:
     await b.__aenter__()
     threads = batcher_threads("leaky-aclose")
     assert threads
-    running = b(1)
+    running = b.submit_nowait(1)
     await fn.wait_entered(1)
     with anyio.move_on_after(0.01):
         await b.aclose()  # cancelled while the batch runs
@@ -163,11 +163,11 @@ async def test_cancelled_queued_request_does_not_keep_its_input_alive_until_its_
     dead entry is dropped (when the next batch forms), nothing may hold the input."""
     fn: GatedBatchFn[Item, int] = GatedBatchFn(lambda x: 0, gated=True)
     async with Batcher(fn, max_batch_size=1, max_wait=0, timeout=HOUR) as b:
-        blocker = b(Item())
+        blocker = b.submit_nowait(Item())
         await fn.wait_entered(1)
         item = Item()
         ref = weakref.ref(item)
-        victim = b(item)
+        victim = b.submit_nowait(item)
         del item
         victim.cancel()
         del victim
@@ -249,7 +249,7 @@ async def test_executor_dying_while_aclose_drains_is_not_raised_from_aclose() ->
 
     b = Batcher(fn, policy=DiesWhenClosing())
     async with b:
-        fut = b(1)
+        fut = b.submit_nowait(1)
     with pytest.raises(batchio.BatcherBrokenError):
         await fut
     assert not b.healthy
@@ -308,9 +308,9 @@ async def test_per_call_timeout_is_validated() -> None:
     async with Batcher(double_all, max_batch_size=2, max_wait=0) as b:
         for bad in (0, -1.0, float("nan")):
             with pytest.raises(ValueError, match="timeout"):
-                b(1, timeout=bad)
+                b.submit_nowait(1, timeout=bad)
             with pytest.raises(ValueError, match="timeout"):
-                b.map([1], timeout=bad)
+                b.map_nowait([1], timeout=bad)
         assert b.statistics().submitted == 0
 
 
