@@ -15,10 +15,19 @@ from ._decorator import BatchedMethod as BatchedMethod
 from ._decorator import batch as batch
 from ._exceptions import BatcherBrokenError as BatcherBrokenError
 from ._exceptions import BatcherClosedError as BatcherClosedError
+from ._exceptions import BatcherLoopError as BatcherLoopError
+from ._exceptions import BatchFunctionError as BatchFunctionError
 from ._exceptions import BatchioError as BatchioError
+from ._exceptions import BatchOutputError as BatchOutputError
 from ._exceptions import BatchSizeMismatchError as BatchSizeMismatchError
+from ._exceptions import BatchStalledError as BatchStalledError
 from ._exceptions import QueueFullError as QueueFullError
 from ._exceptions import RequestTimeoutError as RequestTimeoutError
+from ._options import DEFAULT as DEFAULT
+from ._options import BatcherOptions as BatcherOptions
+from ._options import BatcherOptionsKw as BatcherOptionsKw
+from ._options import DefaultTimeout as DefaultTimeout
+from ._options import TimeoutArg as TimeoutArg
 from ._policy import BatchPolicy as BatchPolicy
 from ._policy import Dispatch as Dispatch
 from ._policy import MaxSizeOrWait as MaxSizeOrWait
@@ -33,16 +42,24 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree w
     __version__ = "0.0.0+unknown"
 
 __all__ = (
+    "DEFAULT",
     "AsyncBatchFn",
+    "BatchFunctionError",
+    "BatchOutputError",
     "BatchPolicy",
     "BatchSizeMismatchError",
+    "BatchStalledError",
     "BatchedFunction",
     "BatchedMethod",
     "Batcher",
     "BatcherBrokenError",
     "BatcherClosedError",
+    "BatcherLoopError",
+    "BatcherOptions",
+    "BatcherOptionsKw",
     "BatcherStatistics",
     "BatchioError",
+    "DefaultTimeout",
     "Dispatch",
     "MaxSizeOrWait",
     "Percentiles",
@@ -50,6 +67,7 @@ __all__ = (
     "QueueState",
     "RequestTimeoutError",
     "SyncBatchFn",
+    "TimeoutArg",
     "Wait",
     "__version__",
     "batch",

@@ -342,7 +342,7 @@ class Batcher(Generic[InT, OutT]):
             Exception: whatever ``fn`` raised for this request's batch, or put in its slot.
         """
         entry = self._enqueue(item, timeout)
-        fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[union-attr,index]
+        fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
         try:
             return cast(OutT, await fut)
         except asyncio.CancelledError:
@@ -364,7 +364,7 @@ class Batcher(Generic[InT, OutT]):
         Same arguments and errors as :meth:`__call__`.
         """
         entry = self._enqueue(item, timeout)
-        return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[union-attr,index,no-any-return]
+        return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
     def _enqueue(self, item: Any, timeout: TimeoutArg) -> Entry:
         # The hot path: one exact future, one list, one call into the room.
@@ -555,6 +555,7 @@ class Batcher(Generic[InT, OutT]):
         limit = self._options.batch_time_limit
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         delivered = False
+        outcomes: list[Any] | None
         try:
             try:
                 if self._is_async:

@@ -13,12 +13,12 @@ import functools
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Generic, Literal, TypeVar, cast, overload
+from typing import Any, Final, Generic, TypeVar, Unpack, cast, overload
 
 from ._batcher import Batcher
 from ._exceptions import BatcherClosedError
-from ._policy import BatchPolicy
-from ._stats import BatcherStatistics
+from ._options import DEFAULT, BatcherOptions, BatcherOptionsKw, TimeoutArg, options_from
+from ._stats import BatcherStatistics, Tally
 
 __all__ = ["BatchedFunction", "BatchedMethod", "batch"]
 
@@ -26,7 +26,7 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 SelfT = TypeVar("SelfT")
 
-_Options = dict[str, Any]
+_running_loop: Final = asyncio._get_running_loop
 
 
 class BatchedFunction(Generic[InT, OutT]):
@@ -42,7 +42,7 @@ class BatchedFunction(Generic[InT, OutT]):
     __qualname__: str
     __wrapped__: Callable[..., Any]
 
-    def __init__(self, fn: Callable[[list[InT]], Any], options: _Options) -> None:
+    def __init__(self, fn: Callable[[list[InT]], Any], options: BatcherOptions) -> None:
         self._fn = fn
         self._options = options
         self._batchers: dict[asyncio.AbstractEventLoop, Batcher[InT, OutT]] = {}
@@ -50,6 +50,11 @@ class BatchedFunction(Generic[InT, OutT]):
 
     def __repr__(self) -> str:
         return f"<batchio.batch of {self._fn!r}>"
+
+    @property
+    def options(self) -> BatcherOptions:
+        """The options every batcher of this function is built with."""
+        return self._options
 
     def batcher(self) -> Batcher[InT, OutT]:
         """Return the running loop's batcher, starting one if this loop has none (or it closed)."""
@@ -59,31 +64,60 @@ class BatchedFunction(Generic[InT, OutT]):
             return b
         for old in [lp for lp in self._batchers if lp.is_closed()]:
             del self._batchers[old]
-        b = Batcher(self._fn, **self._options)
+        b = Batcher(self._fn, options=self._options)
         b._start()
         self._batchers[loop] = b
         return b
 
-    def __call__(self, item: InT, *, timeout: float | None = None) -> asyncio.Future[OutT]:
-        """Submit one item; await the result. See :meth:`batchio.Batcher.__call__`.
+    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+        """Submit one item and return its result; see :meth:`batchio.Batcher.__call__`.
 
-        ``timeout=None`` here means the default given to the decorator.
+        ``timeout=None`` means no deadline; leaving it out takes the decorator's ``timeout``.
         """
-        if timeout is None:
-            return self.batcher()(item)
-        return self.batcher()(item, timeout=timeout)
+        return await self.batcher()(item, timeout=timeout)
 
-    def map(
-        self, items: Iterable[InT], *, timeout: float | None = None
-    ) -> asyncio.Future[list[OutT]]:
+    def submit_nowait(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> asyncio.Future[OutT]:
+        """Submit one item now and return its future; see :meth:`batchio.Batcher.submit_nowait`."""
+        return self.batcher().submit_nowait(item, timeout=timeout)
+
+    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
         """Submit several items as one request; see :meth:`batchio.Batcher.map`."""
-        if timeout is None:
-            return self.batcher().map(items)
-        return self.batcher().map(items, timeout=timeout)
+        return await self.batcher().map(items, timeout=timeout)
 
-    def statistics(self) -> BatcherStatistics:
-        """Statistics of the running loop's batcher."""
-        return self.batcher().statistics()
+    def map_nowait(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT
+    ) -> asyncio.Future[list[OutT]]:
+        """The future-returning twin of :meth:`map`."""
+        return self.batcher().map_nowait(items, timeout=timeout)
+
+    def statistics(self, loop: asyncio.AbstractEventLoop | None = None) -> BatcherStatistics:
+        """Statistics of one loop's batcher: a pure read, safe from any thread.
+
+        Args:
+            loop: whose batcher to read. By default the running loop's; called outside any loop
+                (a metrics thread, say), that of the only loop with a batcher.
+
+        Never starts a batcher: before the first call, the snapshot is all zeros.
+
+        Raises:
+            RuntimeError: called outside a loop while batchers of several loops are alive, and
+                no ``loop`` was given.
+        """
+        batchers = list(self._batchers.items())  # one atomic copy; another thread may add
+        if loop is None:
+            loop = _running_loop()
+        if loop is not None:
+            found = [b for lp, b in batchers if lp is loop]
+        else:
+            found = [b for lp, b in batchers if not lp.is_closed()]
+            if len(found) > 1:
+                raise RuntimeError(
+                    f"{self!r} has batchers on {len(found)} event loops; "
+                    "pass statistics(loop=...) to choose one"
+                )
+        if found:
+            return found[0].statistics()
+        return Tally().snapshot(queue_depth=0, in_flight=0, healthy=True, closed=False)
 
     def _close_all_soon(self) -> None:
         """Stop intake of every loop's batcher; each drains and exits on its own loop."""
@@ -95,11 +129,14 @@ class BatchedFunction(Generic[InT, OutT]):
                     pass
         self._batchers.clear()
 
-    async def aclose(self, *, cancel_pending: bool = False) -> None:
-        """Close and drain the running loop's batcher, if it has one; a later call starts anew."""
+    async def aclose(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Close and drain the running loop's batcher, if it has one; a later call starts anew.
+
+        Same arguments as :meth:`batchio.Batcher.aclose`.
+        """
         b = self._batchers.pop(asyncio.get_running_loop(), None)
         if b is not None:
-            await b.aclose(cancel_pending=cancel_pending)
+            await b.aclose(cancel_pending=cancel_pending, timeout=timeout)
 
 
 class BatchedMethod(Generic[SelfT, InT, OutT]):
@@ -110,7 +147,7 @@ class BatchedMethod(Generic[SelfT, InT, OutT]):
     wrapper does not keep them alive, and when one is collected its batchers are closed.
     """
 
-    def __init__(self, fn: Callable[[SelfT, list[InT]], Any], options: _Options) -> None:
+    def __init__(self, fn: Callable[[SelfT, list[InT]], Any], options: BatcherOptions) -> None:
         self._fn = fn
         self._options = options
         self._bound: dict[int, BatchedFunction[InT, OutT]] = {}
@@ -156,16 +193,22 @@ def _weak_method(fn: Callable[..., Any], instance: object) -> Callable[[list[Any
             raise BatcherClosedError("the instance of this batched method was garbage-collected")
         return obj
 
+    call: Callable[[list[Any]], Any]
     if inspect.iscoroutinefunction(fn):
 
         async def call_async(items: list[Any]) -> Any:
             return await fn(target(), items)
 
-        return call_async
+        call = call_async
+    else:
 
-    def call(items: list[Any]) -> Any:
-        return fn(target(), items)
+        def call_sync(items: list[Any]) -> Any:
+            return fn(target(), items)
 
+        call = call_sync
+    # The batcher, its log lines and its threads are named after the method (Class.method).
+    call.__name__ = fn.__name__
+    call.__qualname__ = fn.__qualname__
     return call
 
 
@@ -175,8 +218,23 @@ _SyncMethod = Callable[[SelfT, list[InT]], Sequence[OutT | Exception]]
 _AsyncMethod = Callable[[SelfT, list[InT]], Awaitable[Sequence[OutT | Exception]]]
 
 
+def _wrap(fn: Callable[..., Any], options: BatcherOptions) -> Any:
+    if not callable(fn):
+        raise TypeError(f"@batchio.batch decorates a function or method, got {fn!r}")
+    params = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) >= 2 and params[0].name in ("self", "cls"):
+        return BatchedMethod(fn, options)
+    return BatchedFunction(fn, options)
+
+
 class _Decorator:
-    def __init__(self, options: _Options) -> None:
+    """What ``@batch(...)`` returns: applies the (already validated) options to a function."""
+
+    def __init__(self, options: BatcherOptions) -> None:
         self._options = options
 
     @overload
@@ -188,28 +246,28 @@ class _Decorator:
     @overload
     def __call__(self, fn: _AsyncMethod[SelfT, InT, OutT]) -> BatchedMethod[SelfT, InT, OutT]: ...
     def __call__(self, fn: Callable[..., Any]) -> Any:
-        params = [
-            p
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        if len(params) >= 2 and params[0].name in ("self", "cls"):
-            return BatchedMethod(fn, self._options)
-        return BatchedFunction(fn, self._options)
+        return _wrap(fn, self._options)
 
 
+@overload
+def batch(fn: _SyncFn[InT, OutT], /) -> BatchedFunction[InT, OutT]: ...
+@overload
+def batch(fn: _AsyncFn[InT, OutT], /) -> BatchedFunction[InT, OutT]: ...
+@overload
+def batch(fn: _SyncMethod[SelfT, InT, OutT], /) -> BatchedMethod[SelfT, InT, OutT]: ...
+@overload
+def batch(fn: _AsyncMethod[SelfT, InT, OutT], /) -> BatchedMethod[SelfT, InT, OutT]: ...
+@overload
 def batch(
+    *, options: BatcherOptions | None = None, **kwargs: Unpack[BatcherOptionsKw]
+) -> _Decorator: ...
+def batch(
+    fn: Callable[..., Any] | None = None,
+    /,
     *,
-    max_batch_size: int = 32,
-    max_wait: float = 0.005,
-    max_concurrent_batches: int = 1,
-    max_queue_size: int | None = None,
-    when_full: Literal["reject", "wait"] = "reject",
-    timeout: float | None = None,
-    isolate_errors: bool = False,
-    policy: BatchPolicy | None = None,
-    name: str | None = None,
-) -> _Decorator:
+    options: BatcherOptions | None = None,
+    **kwargs: Unpack[BatcherOptionsKw],
+) -> Any:
     """Decorate a list-in/list-out function (or method) so each call batches one item.
 
     ::
@@ -217,24 +275,19 @@ def batch(
         @batchio.batch(max_batch_size=64, max_wait=0.002)
         def embed(texts: list[str]) -> list[list[float]]: ...
 
+        @batchio.batch                          # bare: the default options
+        async def score(pairs: list[Pair]) -> list[float]: ...
+
         vector = await embed("hello")          # one item
         vectors = await embed.map(["a", "b"])  # several items, one request
 
-    The options are those of :class:`~batchio.Batcher`. A method (first parameter ``self``) gets
-    one batcher per instance. The batcher starts on the first call in a running event loop, and
-    each event loop gets its own batcher (see the module docs); use ``await f.aclose()`` to drain
-    one before its loop ends.
+    The options are those of :class:`~batchio.BatcherOptions`, validated here (a bad one fails at
+    decoration, not at the first call). A method (first parameter ``self``) gets one batcher per
+    instance, named ``Class.method``. The batcher starts on the first call in a running event
+    loop, and each event loop gets its own batcher (see the module docs); use ``await
+    f.aclose()`` to drain one before its loop ends.
     """
-    return _Decorator(
-        {
-            "max_batch_size": max_batch_size,
-            "max_wait": max_wait,
-            "max_concurrent_batches": max_concurrent_batches,
-            "max_queue_size": max_queue_size,
-            "when_full": when_full,
-            "timeout": timeout,
-            "isolate_errors": isolate_errors,
-            "policy": policy,
-            "name": name,
-        }
-    )
+    opts = options_from(options, kwargs)
+    if fn is not None:
+        return _wrap(fn, opts)
+    return _Decorator(opts)

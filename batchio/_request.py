@@ -123,7 +123,7 @@ Owner: TypeAlias = "asyncio.Future[Any] | Request"
 
 def future_of(entry: Entry) -> asyncio.Future[Any]:
     """The caller's future of a queue entry."""
-    return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[union-attr,index]
+    return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
 
 class Batch:
@@ -166,4 +166,4 @@ class Batch:
 
     def futures(self) -> list[asyncio.Future[Any]]:
         """The callers' futures, one per owner."""
-        return [o.future if type(o) is Request else o for o in self.owners]  # type: ignore[union-attr,misc]
+        return [o.future if type(o) is Request else o for o in self.owners]  # type: ignore[misc]

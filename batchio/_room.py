@@ -95,7 +95,7 @@ class WaitingRoom:
         if not self._dq:
             return None
         entry = self._dq[0]
-        return entry.enqueued_at if type(entry) is Request else entry[AT]  # type: ignore[union-attr,index]
+        return entry.enqueued_at if type(entry) is Request else entry[AT]  # type: ignore[index]
 
     # -- arrivals -----------------------------------------------------------------------------------
 
@@ -268,18 +268,19 @@ class WaitingRoom:
         while room and dq:
             entry = popleft()
             if type(entry) is not Request:
-                if entry[STATE] == GONE:
+                fast: list[Any] = entry  # type: ignore[assignment]
+                if fast[STATE] == GONE:
                     continue
-                fut = entry[FUT]
-                entry[STATE] = GONE
+                fut = fast[FUT]
+                fast[STATE] = GONE
                 if fut.done():  # a submit_nowait future its caller cancelled
                     self.rows -= 1
-                    entry[ITEM] = None
+                    fast[ITEM] = None
                     self._outcomes.cancelled(fut)
                     continue
-                batch.add_fast(fut, entry[ITEM])
-                entry[ITEM] = None  # the batch holds the input now, and only the batch
-                waits.append(now - entry[AT])
+                batch.add_fast(fut, fast[ITEM])
+                fast[ITEM] = None  # the batch holds the input now, and only the batch
+                waits.append(now - fast[AT])
                 room -= 1
                 taken += 1
                 continue

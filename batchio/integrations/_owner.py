@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Generic, Self, TypeVar
 
-from .. import Batcher, BatcherStatistics
+from .. import DEFAULT, Batcher, BatcherStatistics, TimeoutArg
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -29,13 +29,17 @@ class BatcherOwner(Generic[InT, OutT]):
     ) -> None:
         await self.batcher.__aexit__(exc_type, exc, tb)
 
-    async def __call__(self, item: InT) -> OutT:
-        """Submit one input and return its result (one request of one row)."""
-        return await self.batcher(item)
+    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+        """Submit one input and return its result (one request of one row).
 
-    async def map(self, items: Iterable[InT]) -> list[OutT]:
+        ``timeout`` as in :meth:`batchio.Batcher.__call__`: seconds, ``None`` for no deadline,
+        or the wrapper's ``timeout`` option by default.
+        """
+        return await self.batcher(item, timeout=timeout)
+
+    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
         """Submit several inputs as one request and return their results, in order."""
-        return await self.batcher.map(items)
+        return await self.batcher.map(items, timeout=timeout)
 
     def statistics(self) -> BatcherStatistics:
         """The owned batcher's :class:`batchio.BatcherStatistics`."""
