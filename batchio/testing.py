@@ -2,17 +2,22 @@
 
 :class:`GatedBatchFn` is a batch function that records every batch and, while its gate is closed,
 blocks inside the call: "a batch is running" becomes a state the test controls.
+
+:class:`VirtualClock` replaces an asyncio event loop's clock, so ``max_wait``, deadlines and
+``batch_time_limit`` elapse when the test says so, not when real time passes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 import anyio.to_thread
 
-__all__ = ["GatedBatchFn"]
+__all__ = ["GatedBatchFn", "VirtualClock", "wait_all_tasks_blocked"]
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -80,3 +85,62 @@ class GatedBatchFn(Generic[InT, OutT]):
                     )
 
         await anyio.to_thread.run_sync(wait)
+
+
+class VirtualClock:
+    """A fake monotonic clock for an asyncio event loop (the way aiolimiter's tests drive time).
+
+    While :meth:`install`-ed, the loop's ``time()`` returns :attr:`now`, so its timers
+    (``call_at``, ``asyncio.sleep``, ``asyncio.wait(timeout=)``) and every batcher started on it
+    afterwards follow this clock. Time moves only when the test calls :meth:`advance`; the
+    timers now due run on the loop's next iteration (``await wait_all_tasks_blocked()`` from this
+    module: anyio's sleeps on the loop's clock between its checks, so under a stopped clock it
+    would wait forever).
+
+    Install it before starting the batcher: a batcher reads its loop's clock when it starts.
+    Only asyncio's own event loops can be driven this way: uvloop's clock lives in C.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def time(self) -> float:
+        """The current virtual time, in seconds."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds`` (>= 0)."""
+        if seconds < 0:
+            raise ValueError(f"time only moves forward; got {seconds}")
+        self.now += seconds
+
+    @contextmanager
+    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> Iterator[VirtualClock]:
+        """Make ``loop`` (default: the running loop) read this clock until the block ends."""
+        loop = loop or asyncio.get_running_loop()
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            raise TypeError(f"VirtualClock drives asyncio's own event loops, not {loop!r}")
+        loop.time = self.time  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            del loop.time
+
+
+async def wait_all_tasks_blocked() -> None:
+    """Return once every other task of the running loop waits on something that is not done.
+
+    anyio's function of the same name, made safe under a :class:`VirtualClock`: it yields with
+    ``asyncio.sleep(0)`` only, never with a timed sleep.
+    """
+    this = asyncio.current_task()
+    while True:
+        await asyncio.sleep(0)
+        for task in asyncio.all_tasks():
+            if task is this:
+                continue
+            waiter = getattr(task, "_fut_waiter", None)  # asyncio's own record, as anyio reads it
+            if waiter is None or waiter.done():
+                break
+        else:
+            return

@@ -87,13 +87,6 @@ async def test_partial_batch_waits_for_more_rows_then_fills() -> None:
     assert results == {i: 2 * i for i in range(4)}
 
 
-async def test_partial_batch_dispatches_after_max_wait() -> None:
-    fn = GatedBatchFn(double)
-    async with Batcher(fn, max_batch_size=64, max_wait=0.005) as b:
-        assert list(await asyncio.gather(b(1), b(2))) == [2, 4]
-    assert fn.batches == [[1, 2]]
-
-
 async def test_zero_max_wait_dispatches_whatever_is_queued() -> None:
     fn = GatedBatchFn(double)
     async with Batcher(fn, max_batch_size=64, max_wait=0) as b:
@@ -308,70 +301,6 @@ async def test_queue_full_wait_mode_waits_for_room_in_order() -> None:
         fn.open()
     assert results == {i: 2 * i for i in range(4)}
     assert fn.batches == [[0], [1], [2], [3]]
-
-
-async def test_waiting_for_room_respects_the_deadline() -> None:
-    fn = gated()
-    async with (
-        Batcher(fn, max_batch_size=1, max_wait=0, max_queue_size=1, when_full="wait") as b,
-        anyio.create_task_group() as tg,
-    ):
-        results = await submit_all(b, [0, 1], tg)
-        await fn.wait_entered(1)
-        await wait_all_tasks_blocked()
-        with pytest.raises(RequestTimeoutError):
-            await b(2, timeout=0.001)
-        fn.open()
-    assert results == {0: 0, 1: 2}
-    assert [2] not in fn.batches
-    assert b.statistics().timed_out == 1
-
-
-async def test_request_whose_deadline_passes_while_queued_is_never_dispatched() -> None:
-    fn = gated()
-    async with Batcher(fn, max_batch_size=4, max_wait=0) as b, anyio.create_task_group() as tg:
-        first = await submit_all(b, [0], tg)
-        await fn.wait_entered(1)
-        with pytest.raises(RequestTimeoutError) as info:
-            await b(1, timeout=0.001)
-        assert not info.value.dispatched
-        assert isinstance(info.value, TimeoutError)
-        fn.open()
-        assert await b(2) == 4
-    assert fn.batches == [[0], [2]]
-    assert first == {0: 0}
-    stats = b.statistics()
-    assert (stats.timed_out, stats.completed, stats.pending) == (1, 2, 0)
-
-
-async def test_deadline_passing_while_running_fails_only_that_request() -> None:
-    fn = gated()
-    async with Batcher(fn, max_batch_size=2, max_wait=HOUR) as b, anyio.create_task_group() as tg:
-        other = await submit_all(b, [1], tg)
-        with pytest.raises(RequestTimeoutError) as info:
-            await b(2, timeout=0.01)
-        assert info.value.dispatched
-        fn.open()
-    assert [sorted(batch) for batch in fn.batches] == [[1, 2]]
-    assert other == {1: 2}
-
-
-async def test_default_timeout_and_per_call_override() -> None:
-    fn = gated()
-    async with Batcher(fn, max_batch_size=8, max_wait=0, timeout=0.001) as b:
-        with pytest.raises(RequestTimeoutError):
-            await b(1)
-        async with anyio.create_task_group() as tg:
-            results: dict[str, int] = {}
-
-            async def no_deadline() -> None:
-                results["x"] = await b(3, timeout=None)
-
-            tg.start_soon(no_deadline)
-            await fn.wait_entered(1)
-            await wait_all_tasks_blocked()
-            fn.open()
-    assert results == {"x": 6}
 
 
 async def test_submit_before_start_and_after_close_raise_closed() -> None:
