@@ -10,6 +10,7 @@ import pytest
 
 import batchio
 from batchio import BatchedFunction
+from batchio.testing import VirtualClock, wait_all_tasks_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +112,119 @@ def test_instances_without_weakref_support_get_a_clear_error() -> None:
 
     with pytest.raises(TypeError, match="weak references"):
         Slotted().run  # noqa: B018
+
+
+# -- core v2 defects ---------------------------------------------------------------------------
+
+
+async def test_bare_decorator_works_like_ray_serve_batch() -> None:
+    @batchio.batch
+    def triple(xs: list[int]) -> list[int]:
+        return [3 * x for x in xs]
+
+    @batchio.batch
+    async def atriple(xs: list[int]) -> list[int]:
+        return [3 * x for x in xs]
+
+    assert isinstance(triple, BatchedFunction)
+    assert await asyncio.gather(triple(1), atriple(2)) == [3, 6]
+    assert triple.options == batchio.BatcherOptions()
+    await triple.aclose()
+    await atriple.aclose()
+
+
+def test_bad_options_fail_at_decoration_not_at_the_first_call() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        batchio.batch(max_batch_size=0)
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # a virtual clock: asyncio only
+async def test_timeout_none_per_call_means_no_deadline_as_on_batcher() -> None:
+    """``@batch(timeout=...)`` is the default; ``timeout=None`` per call removes it (it used to
+    mean "the decorator's default", so the call still timed out)."""
+    gate = asyncio.Event()
+
+    @batchio.batch(max_batch_size=3, max_wait=0, timeout=0.5)
+    async def slow(xs: list[int]) -> list[int]:
+        await gate.wait()
+        return xs
+
+    with VirtualClock().install() as clock:
+        defaulted = asyncio.ensure_future(slow(1))
+        patient = asyncio.ensure_future(slow(2, timeout=None))
+        patient_map = asyncio.ensure_future(slow.map([3], timeout=None))
+        await wait_all_tasks_blocked()
+        clock.advance(10.0)
+        with pytest.raises(batchio.RequestTimeoutError):
+            await defaulted
+        await wait_all_tasks_blocked()
+        assert not patient.done() and not patient_map.done()
+        gate.set()
+        assert (await patient, await patient_map) == (2, [3])
+        await slow.aclose()
+
+
+def test_statistics_from_another_thread_is_a_pure_read() -> None:
+    """A metrics thread reads the statistics without a loop: no error, no batcher started."""
+    import threading
+
+    @batchio.batch(max_batch_size=4, max_wait=0)
+    def inc(xs: list[int]) -> list[int]:
+        return [x + 1 for x in xs]
+
+    def read() -> batchio.BatcherStatistics:
+        out: list[batchio.BatcherStatistics] = []
+        t = threading.Thread(target=lambda: out.append(inc.statistics()))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = read()
+    assert (before.submitted, before.closed) == (0, False)
+    assert inc._batchers == {}  # nothing was started by reading
+
+    async def use() -> batchio.BatcherStatistics:
+        await asyncio.gather(*(inc(i) for i in range(3)))
+        return read()
+
+    during = asyncio.run(use())
+    assert during.completed == 3
+
+
+def test_statistics_outside_a_loop_with_batchers_on_two_live_loops_asks_which() -> None:
+    @batchio.batch(max_batch_size=4, max_wait=0)
+    def inc(xs: list[int]) -> list[int]:
+        return [x + 1 for x in xs]
+
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    try:
+        for loop in loops:
+            loop.run_until_complete(inc(1))
+        with pytest.raises(RuntimeError, match="statistics\\(loop=...\\)"):
+            inc.statistics()
+        assert inc.statistics(loop=loops[0]).completed == 1
+        for loop in loops:
+            loop.run_until_complete(inc.aclose())
+    finally:
+        for loop in loops:
+            loop.close()
+
+
+async def test_method_batcher_and_threads_are_named_after_the_method() -> None:
+    import threading
+
+    s = Scaler(2)
+    assert await s.scale(1) == 2
+    b = s.scale.batcher()
+    assert b.name == "Scaler.scale"
+    assert "Scaler.scale" in repr(b)
+    assert any(t.name.startswith("batchio-Scaler.scale-") for t in threading.enumerate())
+    await s.scale.aclose()
+
+
+async def test_decorated_calls_are_coroutines_and_have_nowait_twins() -> None:
+    task = asyncio.create_task(square(3))
+    fut = square.submit_nowait(4)
+    futs = square.map_nowait([5])
+    assert (await task, await fut, await futs) == (9, 16, [25])
+    await square.aclose()
