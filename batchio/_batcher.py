@@ -352,9 +352,7 @@ class Batcher(Generic[InT, OutT]):
 
     submit = __call__
 
-    def submit_nowait(
-        self, item: InT, *, timeout: TimeoutArg = DEFAULT
-    ) -> asyncio.Future[OutT]:
+    def submit_nowait(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> asyncio.Future[OutT]:
         """Submit one item now and return its future: the fast twin of ``await b(item)``.
 
         The request is queued before this returns, so ``asyncio.gather(b.submit_nowait(x),

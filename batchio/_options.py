@@ -35,7 +35,7 @@ class DefaultTimeout:
 DEFAULT: Final = DefaultTimeout()
 """Per-call ``timeout=DEFAULT`` (the default) takes the batcher's ``timeout`` option."""
 
-TimeoutArg: TypeAlias = "float | None | DefaultTimeout"
+TimeoutArg: TypeAlias = "float | DefaultTimeout | None"
 """What a per-call ``timeout=`` accepts: seconds, ``None`` (no deadline) or :data:`DEFAULT`."""
 
 

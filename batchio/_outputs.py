@@ -14,7 +14,8 @@ bytes, scalars, ``None``, async iterators and awaitables.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from ._exceptions import BatchOutputError, BatchSizeMismatchError
@@ -39,7 +40,7 @@ def output_rows(out: Any, expected: int) -> list[Any]:
         raise _refuse(out, "a string is not a sequence of results")
     elif isinstance(out, Mapping):
         raise _refuse(out, "a mapping would give callers its keys, not their results")
-    elif isinstance(out, Set):
+    elif isinstance(out, AbstractSet):
         raise _refuse(out, "a set has no order, so results would cross between callers")
     elif hasattr(out, "shape") and hasattr(out, "__getitem__") and not hasattr(out, "iloc"):
         rows = _array_rows(out)

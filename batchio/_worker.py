@@ -80,9 +80,7 @@ class Job:
 
     __slots__ = ("abandoned", "arg", "finished", "fn", "future", "loop")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], Any], arg: Any
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], Any], arg: Any) -> None:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.fn: Callable[[Any], Any] | None = fn

@@ -30,12 +30,25 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def no_blocking() -> Iterator[None]:
-    """Fail the test if the event loop thread makes a blocking call (blockbuster).
+    """Fail the test if batchio makes a blocking call on the event loop's thread (blockbuster).
 
     blockbuster is a dev dependency: a missing one is an error, not a reason to skip.
     """
     with blockbuster_ctx("batchio"):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _core_never_blocks(request: pytest.FixtureRequest) -> None:
+    """Every async test of the core runs under :func:`no_blocking`, not opt-in.
+
+    The integration tests load real models in their setup (file reads on the loop, on purpose),
+    so their modules opt in where the code under test is batchio's alone.
+    """
+    if request.node.get_closest_marker("anyio") is not None and "integrations" not in (
+        request.path.parts
+    ):
+        request.getfixturevalue("no_blocking")
 
 
 # A skip must have a reason a user would accept. Anything else (typically a dev dependency missing

@@ -18,7 +18,7 @@ import pytest
 
 from batchio import Batcher, BatcherBrokenError, BatchFunctionError
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 
 class Custom(BaseException):

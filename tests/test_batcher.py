@@ -24,11 +24,10 @@ from batchio import (
     BatcherClosedError,
     BatchSizeMismatchError,
     QueueFullError,
-    RequestTimeoutError,
 )
 from batchio.testing import GatedBatchFn
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0  # a max_wait that never elapses during a test
 

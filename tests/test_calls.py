@@ -15,7 +15,7 @@ import pytest
 from batchio import Batcher
 from batchio.testing import GatedBatchFn, wait_all_tasks_blocked
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0
 
@@ -33,7 +33,7 @@ async def test_call_is_a_coroutine_for_create_task() -> None:
 
 
 async def test_call_in_an_asyncio_task_group() -> None:
-    fn = GatedBatchFn(lambda x: 2 * x)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: 2 * x)
     async with Batcher(fn, max_batch_size=4, max_wait=HOUR) as b:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(b(i)) for i in range(4)]
@@ -58,20 +58,20 @@ async def test_call_with_anyio_start_soon() -> None:
 
 
 async def test_submit_nowait_queues_before_it_returns() -> None:
-    fn = GatedBatchFn(lambda x: 2 * x)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: 2 * x)
     async with Batcher(fn, max_batch_size=2, max_wait=HOUR) as b:
         first = b.submit_nowait(1)
         assert isinstance(first, asyncio.Future)
         assert b.statistics().queue_depth == 1  # queued already, without a task
         second = b.map_nowait([2])
-        assert await asyncio.gather(first, second) == [2, [4]]
+        assert (await first, await second) == (2, [4])
     assert fn.batches == [[1, 2]]
 
 
 async def test_cancelling_the_coroutine_drops_its_queued_row_at_once() -> None:
     """Cancellation through ``await b(x)`` is noticed when it happens (not lazily): the row stops
     counting toward the queue and the cancellation is counted."""
-    fn = GatedBatchFn(lambda x: 2 * x, gated=True)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: 2 * x, gated=True)
     async with Batcher(fn, max_batch_size=1, max_wait=0, max_queue_size=1) as b:
         running = asyncio.ensure_future(b(0))
         await fn.wait_entered(1)
@@ -92,7 +92,7 @@ async def test_cancelling_the_coroutine_drops_its_queued_row_at_once() -> None:
 
 
 async def test_cancelling_a_map_coroutine_drops_its_queued_rows() -> None:
-    fn = GatedBatchFn(lambda x: 2 * x, gated=True)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: 2 * x, gated=True)
     async with Batcher(fn, max_batch_size=2, max_wait=0) as b:
         big = asyncio.ensure_future(b.map(range(5)))
         await fn.wait_entered(1)

@@ -15,7 +15,7 @@ from anyio import wait_all_tasks_blocked
 from batchio import Batcher, BatcherClosedError
 from batchio.testing import GatedBatchFn
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0
 

@@ -127,7 +127,7 @@ async def test_bare_decorator_works_like_ray_serve_batch() -> None:
         return [3 * x for x in xs]
 
     assert isinstance(triple, BatchedFunction)
-    assert await asyncio.gather(triple(1), atriple(2)) == [3, 6]
+    assert list(await asyncio.gather(triple(1), atriple(2))) == [3, 6]
     assert triple.options == batchio.BatcherOptions()
     await triple.aclose()
     await atriple.aclose()
@@ -158,7 +158,8 @@ async def test_timeout_none_per_call_means_no_deadline_as_on_batcher() -> None:
         with pytest.raises(batchio.RequestTimeoutError):
             await defaulted
         await wait_all_tasks_blocked()
-        assert not patient.done() and not patient_map.done()
+        assert not patient.done()
+        assert not patient_map.done()
         gate.set()
         assert (await patient, await patient_map) == (2, [3])
         await slow.aclose()
@@ -200,7 +201,7 @@ def test_statistics_outside_a_loop_with_batchers_on_two_live_loops_asks_which() 
     try:
         for loop in loops:
             loop.run_until_complete(inc(1))
-        with pytest.raises(RuntimeError, match="statistics\\(loop=...\\)"):
+        with pytest.raises(RuntimeError, match=r"statistics\(loop=\.\.\.\)"):
             inc.statistics()
         assert inc.statistics(loop=loops[0]).completed == 1
         for loop in loops:

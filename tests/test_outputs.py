@@ -18,7 +18,7 @@ import torch
 
 from batchio import Batcher, BatchOutputError, BatchSizeMismatchError
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0
 
@@ -117,8 +117,8 @@ async def test_numpy_rows_are_copies_that_do_not_keep_the_batch_alive() -> None:
 
     first, second = await run_batch(fn, [1, 5])
     assert isinstance(first, np.ndarray)
-    assert first.tolist() == [1.0, 2.0] and second.tolist() == [5.0, 6.0]
-    assert first.base is None and second.base is None  # owns its memory: not a view
+    assert (first.tolist(), second.tolist()) == ([1.0, 2.0], [5.0, 6.0])
+    assert (first.base, second.base) == (None, None)  # each owns its memory: not a view
 
 
 async def test_one_dimensional_numpy_output_gives_scalars() -> None:
@@ -132,6 +132,6 @@ async def test_torch_rows_are_clones_that_do_not_keep_the_batch_alive() -> None:
         return torch.tensor([[x, x + 1] for x in xs], dtype=torch.float32)
 
     first, second = await run_batch(fn, [1, 5])
-    assert first.tolist() == [1.0, 2.0] and second.tolist() == [5.0, 6.0]
+    assert (first.tolist(), second.tolist()) == ([1.0, 2.0], [5.0, 6.0])
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
     assert first.untyped_storage().nbytes() == 2 * 4  # its own row only, not the batch

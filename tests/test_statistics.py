@@ -20,7 +20,7 @@ import pytest
 from batchio import Batcher, BatcherStatistics, QueueFullError
 from batchio.testing import GatedBatchFn
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0
 
@@ -81,7 +81,7 @@ def count_calls(action: Callable[[], Any]) -> int:
 
 
 async def rejection_cost(depth: int) -> int:
-    fn = GatedBatchFn(lambda x: x, gated=True)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: x, gated=True)
     async with Batcher(fn, max_batch_size=1, max_wait=HOUR, max_queue_size=depth) as b:
         queued = [b.submit_nowait(i) for i in range(depth)]
         cost = count_calls(lambda: b.submit_nowait(-1))
@@ -94,7 +94,7 @@ async def rejection_cost(depth: int) -> int:
 
 
 async def parking_cost(depth: int) -> int:
-    fn = GatedBatchFn(lambda x: x, gated=True)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: x, gated=True)
     async with Batcher(
         fn, max_batch_size=1, max_wait=HOUR, max_queue_size=depth, when_full="wait"
     ) as b:
@@ -120,7 +120,7 @@ async def test_parking_a_waiter_costs_the_same_at_any_depth() -> None:
 async def test_cancelled_rows_at_the_front_make_room_before_a_rejection() -> None:
     """A cancelled ``submit_nowait`` future at the front no longer holds room when a rejection
     is due: dead entries at the front are dropped first (each once, so still O(1) amortised)."""
-    fn = GatedBatchFn(lambda x: x, gated=True)
+    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: x, gated=True)
     async with Batcher(fn, max_batch_size=1, max_wait=HOUR, max_queue_size=2) as b:
         dead, live = b.submit_nowait(1), b.submit_nowait(2)
         dead.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchio import Batcher, BatcherClosedError, RequestTimeoutError
+from batchio import (
+    Batcher,
+    BatcherClosedError,
+    BatchOutputError,
+    BatchStalledError,
+    RequestTimeoutError,
+)
 
 try:
     import uvloop
@@ -31,6 +38,8 @@ LOOP_IDS = ["asyncio", "uvloop"][: len(LOOPS)]
 
 SLOT_POISON = 13  # x % 13 == 0: fn puts an exception in that slot
 BATCH_POISON = 17  # x % 17 == 0: fn raises for the whole batch
+STALL_POISON = 23  # x % 23 == 0 (when stalls are on): fn hangs until the scenario ends
+OUTPUT_POISON = 29  # x % 29 == 0 (when bad outputs are on): fn returns a set
 
 
 class SlotError(ValueError):
@@ -66,10 +75,29 @@ class Ask:
     cancel_after: int | None  # checkpoints before cancelling, or None
     timeout: float | None
     delay: int  # checkpoints before submitting
+    nowait: bool = False  # through submit_nowait / map_nowait instead of the coroutine
 
 
-def check_outcome(ask: Ask, outcome: Any, isolate: bool) -> None:
+@dataclass(frozen=True)
+class Hazards:
+    """What else a scenario may throw at the batcher, beyond cancellations and deadlines."""
+
+    stalls: bool = False  # STALL_POISON rows hang; batch_time_limit fails their batch
+    bad_outputs: bool = False  # OUTPUT_POISON rows make fn return a set
+    closing: bool = False  # a bounded close while requests are in flight
+
+
+def check_outcome(ask: Ask, outcome: Any, isolate: bool, hazards: Hazards = Hazards()) -> None:
     """Assert the outcome is one this request may have, and never another request's result."""
+    if isinstance(outcome, BatchStalledError):
+        assert hazards.stalls  # any request batched with a stalled row fails with it
+        return
+    if isinstance(outcome, BatchOutputError):
+        assert hazards.bad_outputs  # a contract error fails the whole batch, even isolated
+        return
+    if isinstance(outcome, BatcherClosedError):
+        assert hazards.closing
+        return
     if isinstance(outcome, asyncio.CancelledError):
         assert ask.cancel_after is not None
         return
@@ -97,6 +125,10 @@ async def play(b: Batcher[int, Any], ask: Ask) -> Any:
     async def call() -> Any:
         for _ in range(ask.delay):
             await asyncio.sleep(0)
+        if ask.nowait:
+            if ask.single:
+                return await b.submit_nowait(ask.values[0], timeout=ask.timeout)
+            return await b.map_nowait(ask.values, timeout=ask.timeout)
         if ask.single:
             return await b(ask.values[0], timeout=ask.timeout)
         return await b.map(ask.values, timeout=ask.timeout)
@@ -120,26 +152,52 @@ async def run_scenario(
     concurrent: int,
     isolate: bool,
     use_async: bool,
+    hazards: Hazards = Hazards(),
+    close_after: int = 3,
 ) -> None:
     seen: Counter[int] = Counter()
-    sync_fn = outcome_fn(seen)
+    plain_fn = outcome_fn(seen)
+    release_sync = threading.Event()
+    release_async = asyncio.Event()
 
-    async def async_fn(xs: list[int]) -> list[Any]:
+    def stalls(xs: list[int]) -> bool:
+        return hazards.stalls and any(x % STALL_POISON == 0 for x in xs)
+
+    def sync_fn(xs: list[int]) -> Any:
+        if stalls(xs):
+            release_sync.wait(20)
+        if hazards.bad_outputs and any(x % OUTPUT_POISON == 0 for x in xs):
+            return set(xs)
+        return plain_fn(xs)
+
+    async def async_fn(xs: list[int]) -> Any:
         await asyncio.sleep(0)
+        if stalls(xs):
+            await release_async.wait()
         return sync_fn(xs)
 
     fn: Any = async_fn if use_async else sync_fn
-    async with Batcher(
-        fn,
-        max_batch_size=max_batch_size,
-        max_wait=max_wait,
-        max_concurrent_batches=concurrent,
-        isolate_errors=isolate,
-    ) as b:
-        outcomes = await asyncio.gather(*(play(b, a) for a in asks))
+    try:
+        async with Batcher(
+            fn,
+            max_batch_size=max_batch_size,
+            max_wait=max_wait,
+            max_concurrent_batches=concurrent,
+            isolate_errors=isolate,
+            batch_time_limit=0.005 if hazards.stalls else None,
+        ) as b:
+            plays = [asyncio.ensure_future(play(b, a)) for a in asks]
+            if hazards.closing:
+                for _ in range(close_after):
+                    await asyncio.sleep(0)
+                await b.aclose(timeout=0.002)
+            outcomes = await asyncio.gather(*plays)
+    finally:
+        release_sync.set()  # abandoned threads and tasks return and exit
+        release_async.set()
 
     for ask, outcome in zip(asks, outcomes, strict=True):
-        check_outcome(ask, outcome, isolate)
+        check_outcome(ask, outcome, isolate, hazards)
     stats = b.statistics()
     assert stats.pending == 0
     assert stats.submitted == (stats.completed + stats.failed + stats.cancelled + stats.timed_out)
@@ -161,9 +219,15 @@ asks_strategy = st.lists(
         cancel_after=st.one_of(st.none(), st.integers(0, 6)),
         timeout=st.one_of(st.none(), st.none(), st.sampled_from([0.0005, 0.002, 5.0])),
         delay=st.integers(0, 4),
+        nowait=st.booleans(),
     ).map(
         lambda a: Ask(
-            a.values[:1] if a.single else a.values, a.single, a.cancel_after, a.timeout, a.delay
+            a.values[:1] if a.single else a.values,
+            a.single,
+            a.cancel_after,
+            a.timeout,
+            a.delay,
+            a.nowait,
         )
     ),
     min_size=1,
@@ -180,6 +244,8 @@ asks_strategy = st.lists(
     concurrent=st.integers(1, 3),
     isolate=st.booleans(),
     use_async=st.booleans(),
+    hazards=st.builds(Hazards, st.booleans(), st.booleans(), st.booleans()),
+    close_after=st.integers(0, 8),
 )
 def test_every_request_resolves_exactly_once_with_its_own_outcome(
     loop_factory: Any,
@@ -189,7 +255,12 @@ def test_every_request_resolves_exactly_once_with_its_own_outcome(
     concurrent: int,
     isolate: bool,
     use_async: bool,
+    hazards: Hazards,
+    close_after: int,
 ) -> None:
+    """Random requests (coroutine and _nowait calls, maps, cancellations, deadlines) against
+    random options, with stalled batches (batch_time_limit), bad outputs and a bounded close
+    thrown in."""
     scenario = run_scenario(
         asks,
         max_batch_size=max_batch_size,
@@ -197,6 +268,8 @@ def test_every_request_resolves_exactly_once_with_its_own_outcome(
         concurrent=concurrent,
         isolate=isolate,
         use_async=use_async,
+        hazards=hazards,
+        close_after=close_after,
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         # A hang must fail this example fast (hypothesis re-runs failing examples to shrink them,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,7 +22,7 @@ from batchio import (
 )
 from batchio.testing import GatedBatchFn, VirtualClock, wait_all_tasks_blocked
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_blocking")]
+pytestmark = pytest.mark.anyio
 
 HOUR = 3600.0
 
@@ -34,9 +33,9 @@ def anyio_backend() -> tuple[str, dict[str, object]]:
 
 
 @pytest.fixture
-def clock(anyio_backend: object) -> Iterator[VirtualClock]:
-    """A virtual clock installed on the test's loop (the fixture runs inside it)."""
-    yield VirtualClock()
+def clock() -> VirtualClock:
+    """A virtual clock; each test installs it on its own loop."""
+    return VirtualClock()
 
 
 def double(x: int) -> int:
@@ -191,7 +190,7 @@ async def test_stalled_sync_batch_fails_with_stalled_error_and_the_batcher_carri
                 with pytest.raises(BatchStalledError) as info:
                     await victim
                 assert info.value.limit == 5.0
-            assert await asyncio.gather(b(2), b(3)) == [4, 6]
+            assert list(await asyncio.gather(b(2), b(3))) == [4, 6]
             stats = b.statistics()
             assert (stats.stalled_batches, stats.abandoned_workers) == (1, 1)
             assert (stats.failed, stats.completed, stats.pending) == (2, 2, 0)

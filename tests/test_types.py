@@ -34,9 +34,11 @@ class Model:
 async def test_batcher_infers_input_and_output_types() -> None:
     async with batchio.Batcher(lengths, max_batch_size=4, max_wait=0.001) as b:
         assert_type(b, batchio.Batcher[str, int])
-        fut = b("abc")
+        fut = b.submit_nowait("abc")
         assert_type(fut, asyncio.Future[int])
         assert_type(await fut, int)
+        assert_type(await b("abc"), int)
+        assert_type(b.map_nowait(["a"]), asyncio.Future[list[int]])
         assert_type(await b.submit("ab"), int)
         assert_type(await b.map(["a", "bb"]), list[int])
         assert_type(b.statistics(), batchio.BatcherStatistics)

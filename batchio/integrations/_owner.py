@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
-from .. import DEFAULT, Batcher, BatcherStatistics, TimeoutArg
+from .. import DEFAULT, Batcher, BatcherOptions, BatcherOptionsKw, BatcherStatistics, TimeoutArg
+from .._options import options_from
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
+
+
+def own_batcher(
+    fn: Callable[[list[Any]], Any],
+    options: BatcherOptions | None,
+    kwargs: BatcherOptionsKw,
+    **defaults: Any,
+) -> Batcher[Any, Any]:
+    """The wrapper's batcher: ``options`` (or the wrapper's ``defaults``) with ``kwargs`` on top.
+
+    Every option is the core's, validated by :class:`batchio.BatcherOptions`; a wrapper only
+    chooses different defaults (a name, say), so nothing is declared twice.
+    """
+    base = options if options is not None else options_from(None, defaults)  # type: ignore[arg-type]
+    return Batcher(fn, options=base, **kwargs)
 
 
 class BatcherOwner(Generic[InT, OutT]):

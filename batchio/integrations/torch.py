@@ -15,12 +15,12 @@ batcher's worker thread. Importing this module imports torch; ``import batchio``
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, Literal
+from typing import Any, Unpack
 
 import anyio.to_thread
 import torch
 
-from .. import Batcher
+from .. import DEFAULT, Batcher, BatcherOptions, BatcherOptionsKw, TimeoutArg
 from ._collate import (
     DEFAULT_LENGTH_GROUPS,
     DEFAULT_PAD_VALUES,
@@ -33,7 +33,7 @@ from ._collate import (
 from ._device import Placement
 from ._forward import BatchForward, Postprocess
 from ._microbatch import plan_micro_batches
-from ._owner import BatcherOwner
+from ._owner import BatcherOwner, own_batcher
 from ._split import split_output, stack_outputs
 
 __all__ = [
@@ -108,8 +108,10 @@ class BatchedModule(BatcherOwner[Any, Any]):
         strip_padding: which outputs are per-token, returned without padding (see
             :class:`BatchForward`).
         postprocess: applied to each micro-batch's output on the device (see :class:`BatchForward`).
-        max_batch_size, max_wait, max_queue_size, when_full, timeout, name: passed to the
-            :class:`batchio.Batcher`.
+        options: a :class:`batchio.BatcherOptions` to start from.
+        **batcher_options: any option of :class:`batchio.BatcherOptions` (``max_batch_size``,
+            ``max_wait``, ``timeout``, ``batch_time_limit``, ...), validated the same way;
+            the batcher's ``name`` defaults to the model's class name.
     """
 
     def __init__(
@@ -126,12 +128,8 @@ class BatchedModule(BatcherOwner[Any, Any]):
         max_batch_tokens: int | None = None,
         strip_padding: bool | Collection[str | int] = False,
         postprocess: Postprocess | None = None,
-        max_batch_size: int = 32,
-        max_wait: float = 0.005,
-        max_queue_size: int | None = None,
-        when_full: Literal["reject", "wait"] = "reject",
-        timeout: float | None = None,
-        name: str | None = None,
+        options: BatcherOptions | None = None,
+        **batcher_options: Unpack[BatcherOptionsKw],
     ) -> None:
         if collator is None:
             collator = Collator(
@@ -149,27 +147,23 @@ class BatchedModule(BatcherOwner[Any, Any]):
             strip_padding=strip_padding,
             postprocess=postprocess,
         )
-        self.batcher: Batcher[Any, Any] = Batcher(
-            self.forward,
-            max_batch_size=max_batch_size,
-            max_wait=max_wait,
-            max_queue_size=max_queue_size,
-            when_full=when_full,
-            timeout=timeout,
-            name=name or type(model).__name__,
+        self.batcher: Batcher[Any, Any] = own_batcher(
+            self.forward, options, batcher_options, name=type(model).__name__
         )
 
-    async def __call__(self, row: Any) -> Any:
+    async def __call__(self, row: Any, *, timeout: TimeoutArg = DEFAULT) -> Any:
         """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.
+
+        ``timeout``: seconds, ``None`` for no deadline, or the ``timeout`` option by default.
 
         Raises:
             CollationError: this row cannot run at all (the others still run).
             Exception: whatever the model raised for this row alone; a forward pass that fails is
                 re-run in halves, so rows that run fine still get their results.
         """
-        return await self.batcher(row)
+        return await self.batcher(row, timeout=timeout)
 
-    async def rows(self, batch: Any) -> Any:
+    async def rows(self, batch: Any, *, timeout: TimeoutArg = DEFAULT) -> Any:
         """Run a batch of k rows (a tensor, or a mapping of tensors with k rows each) as one request.
 
         The k rows count k toward ``max_batch_size`` and may share forward passes with other
@@ -180,7 +174,7 @@ class BatchedModule(BatcherOwner[Any, Any]):
         rows = split_rows(batch)
         if not rows:
             raise CollationError("the batch has no rows")
-        outputs = await self.batcher.map(rows)
+        outputs = await self.batcher.map(rows, timeout=timeout)
         side = self.forward.collator.padding_side
         # Stacking copies every row: keep that off the event loop too.
         return await anyio.to_thread.run_sync(stack_outputs, outputs, side)

@@ -13,17 +13,18 @@ queues strings and hands back tensors. Importing this module imports torch and t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, Unpack, cast
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from .. import Batcher
+from .. import Batcher, BatcherOptions, BatcherOptionsKw
 from ._isolate import run_isolating
-from ._owner import BatcherOwner
+from ._owner import BatcherOwner, own_batcher
 from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
 
 __all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "mean_pool"]
@@ -168,8 +169,9 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
         padding_side: ``"right"`` or ``"left"``; the results are the same, up to float rounding.
         max_batch_tokens: the padded-token budget of one forward pass; a batch is sorted by
             length and run in micro-batches under it. ``None``: one pass per batch.
-        max_batch_size, max_wait, max_queue_size, when_full, timeout, name: passed to the
-            :class:`batchio.Batcher`.
+        options: a :class:`batchio.BatcherOptions` to start from.
+        **batcher_options: any option of :class:`batchio.BatcherOptions`, validated the same way;
+            the batcher's ``name`` defaults to ``"SentenceEmbedder"``.
     """
 
     def __init__(
@@ -182,12 +184,8 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
         max_length: int | None = None,
         padding_side: PaddingSide = "right",
         max_batch_tokens: int | None = None,
-        max_batch_size: int = 32,
-        max_wait: float = 0.005,
-        max_queue_size: int | None = None,
-        when_full: Literal["reject", "wait"] = "reject",
-        timeout: float | None = None,
-        name: str | None = None,
+        options: BatcherOptions | None = None,
+        **batcher_options: Unpack[BatcherOptionsKw],
     ) -> None:
         if isinstance(model, str | os.PathLike):
             path = os.fspath(model)
@@ -205,14 +203,8 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
             padding_side=padding_side,
             max_batch_tokens=max_batch_tokens,
         )
-        self.batcher: Batcher[str, torch.Tensor] = Batcher(
-            self.embed_batch,
-            max_batch_size=max_batch_size,
-            max_wait=max_wait,
-            max_queue_size=max_queue_size,
-            when_full=when_full,
-            timeout=timeout,
-            name=name or "SentenceEmbedder",
+        self.batcher: Batcher[str, torch.Tensor] = own_batcher(
+            self.embed_batch, options, batcher_options, name="SentenceEmbedder"
         )
 
 
@@ -226,35 +218,24 @@ class BatchedPipeline(BatcherOwner[Any, Any]):
 
     Args:
         pipe: the pipeline (e.g. ``pipeline("text-classification", model=..., tokenizer=...)``).
-        call_kwargs: keyword arguments for every pipeline call (``top_k=None``, ``truncation=True``).
-        max_batch_size, max_wait, max_queue_size, when_full, timeout, isolate_errors, name:
-            passed to the :class:`batchio.Batcher`.
+        options: a :class:`batchio.BatcherOptions` to start from.
+        **kwargs: the options of :class:`batchio.BatcherOptions` by name (``max_batch_size``,
+            ``timeout``, ...; here ``isolate_errors`` defaults to true and ``name`` to
+            ``pipeline:<task>``); every other keyword is passed to each pipeline call
+            (``top_k=None``, ``truncation=True``).
     """
 
-    def __init__(
-        self,
-        pipe: Any,
-        *,
-        max_batch_size: int = 32,
-        max_wait: float = 0.005,
-        max_queue_size: int | None = None,
-        when_full: Literal["reject", "wait"] = "reject",
-        timeout: float | None = None,
-        isolate_errors: bool = True,
-        name: str | None = None,
-        **call_kwargs: Any,
-    ) -> None:
+    def __init__(self, pipe: Any, *, options: BatcherOptions | None = None, **kwargs: Any) -> None:
+        names = {f.name for f in dataclasses.fields(BatcherOptions)}
+        batcher_options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         self.pipe = pipe
-        self.call_kwargs = call_kwargs
-        self.batcher: Batcher[Any, Any] = Batcher(
+        self.call_kwargs = kwargs
+        self.batcher: Batcher[Any, Any] = own_batcher(
             self.run_batch,
-            max_batch_size=max_batch_size,
-            max_wait=max_wait,
-            max_queue_size=max_queue_size,
-            when_full=when_full,
-            timeout=timeout,
-            isolate_errors=isolate_errors,
-            name=name or f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}",
+            options,
+            cast(BatcherOptionsKw, batcher_options),
+            isolate_errors=True,
+            name=f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}",
         )
 
     def run_batch(self, inputs: list[Any]) -> list[Any]:
