@@ -28,8 +28,14 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
 
+# Coverage bars (branch coverage), set from what the suite reaches: the whole package, and the
+# core modules (batchio/_*.py), whose per-batch safety nets must be exercised, not assumed.
+COV_ALL  ?= 95
+COV_CORE ?= 97
+
 test: lint typecheck
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --cov --cov-report= --cov-fail-under=$(COV_ALL) $(ARGS)
+	$(PY) -m coverage report --include='batchio/_*.py' --fail-under=$(COV_CORE)
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -r bench/requirements.txt

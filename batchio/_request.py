@@ -121,11 +121,6 @@ Entry: TypeAlias = "FastEntry | Request"
 Owner: TypeAlias = "asyncio.Future[Any] | Request"
 
 
-def future_of(entry: Entry) -> asyncio.Future[Any]:
-    """The caller's future of a queue entry."""
-    return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
-
-
 class Batch:
     """The inputs of one batch and whose they are.
 
@@ -163,7 +158,3 @@ class Batch:
         self.counts.append(n)
         self.offsets.append(offset)
         return n
-
-    def futures(self) -> list[asyncio.Future[Any]]:
-        """The callers' futures, one per owner."""
-        return [o.future if type(o) is Request else o for o in self.owners]  # type: ignore[misc]

@@ -23,10 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ._harness import BatchFn, BatchSpec, Call, LoopName, open_floor, open_floor_thread
@@ -103,6 +107,47 @@ async def _open_batchio(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
     batcher = _batchio_cls()(fn, max_batch_size=spec.max_batch_size, max_wait=spec.max_wait)
     async with batcher:
         yield batcher
+
+
+@contextlib.asynccontextmanager
+async def _open_batchio_nowait(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    batcher = _batchio_cls()(fn, max_batch_size=spec.max_batch_size, max_wait=spec.max_wait)
+    async with batcher:
+        yield batcher.submit_nowait  # the future-returning twin: no coroutine per call
+
+
+BASELINE_ENV = "BATCHIO_BASELINE"
+
+
+def _baseline_cls() -> Any:
+    """``Batcher`` from another checkout of batchio (the directory that holds its ``batchio/``,
+    named by ``$BATCHIO_BASELINE``), loaded as ``batchio_baseline``: before/after in one run."""
+    root = os.environ.get(BASELINE_ENV)
+    if not root:
+        raise ImportError(f"set {BASELINE_ENV} to a checkout of batchio to compare against")
+    mod = sys.modules.get("batchio_baseline")
+    if mod is None:
+        pkg = Path(root) / "batchio"
+        spec = importlib.util.spec_from_file_location(
+            "batchio_baseline", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no batchio package under {root}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["batchio_baseline"] = mod
+        spec.loader.exec_module(mod)
+    return mod.Batcher
+
+
+@contextlib.asynccontextmanager
+async def _open_baseline(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+    batcher = _baseline_cls()(fn, max_batch_size=spec.max_batch_size, max_wait=spec.max_wait)
+    async with batcher:
+        yield batcher
+
+
+def _import_baseline() -> None:
+    _baseline_cls()
 
 
 def _batchio_options(spec: BatchSpec) -> dict[str, Any]:
@@ -343,6 +388,19 @@ CONTENDERS: tuple[Contender, ...] = (
     ),
 )  # fmt: skip
 
+# Only when named (``--contenders batchio,batchio.nowait,batchio@baseline``): how batchio's own
+# call paths and versions compare, not a peer comparison.
+DIAGNOSTIC: tuple[Contender, ...] = (
+    Contender(
+        "batchio.nowait", "batchio.Batcher, called through submit_nowait (a future, no coroutine)",
+        _open_batchio_nowait, _batchio_options, _import_batchio,
+    ),
+    Contender(
+        "batchio@baseline", f"batchio.Batcher of the checkout in ${BASELINE_ENV} (before/after)",
+        _open_baseline, _batchio_options, _import_baseline,
+    ),
+)  # fmt: skip
+
 
 # -- batchio's own SentenceEmbedder (model workloads only) -------------------------------------
 
@@ -417,7 +475,7 @@ def by_name(names: str | None) -> list[Contender]:
         return list(CONTENDERS)
     # batchio.SentenceEmbedder needs a loaded model: bench_model.model_contenders adds it.
     wanted = [n.strip() for n in names.split(",") if n.strip() not in ("", *MODEL_ONLY)]
-    known = {c.name: c for c in CONTENDERS}
+    known = {c.name: c for c in (*CONTENDERS, *DIAGNOSTIC)}
     missing = [n for n in wanted if n not in known]
     if missing:
         raise SystemExit(f"unknown contender(s) {missing}; choose from {sorted(known)}")
@@ -427,6 +485,6 @@ def by_name(names: str | None) -> list[Contender]:
 def loops_for(contender: Contender, loops: list[LoopName], peers_on_uvloop: bool) -> list[LoopName]:
     """batchio and the floor run on every requested loop; peers on the default loop only unless
     ``peers_on_uvloop``."""
-    if contender.is_floor or contender.name == "batchio" or peers_on_uvloop:
+    if contender.is_floor or contender.name.startswith("batchio") or peers_on_uvloop:
         return loops
     return [loop for loop in loops if loop == "asyncio"] or loops[:1]

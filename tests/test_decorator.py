@@ -229,3 +229,21 @@ async def test_decorated_calls_are_coroutines_and_have_nowait_twins() -> None:
     futs = square.map_nowait([5])
     assert (await task, await fut, await futs) == (9, 16, [25])
     await square.aclose()
+
+
+def test_the_class_attribute_is_the_method_wrapper() -> None:
+    assert isinstance(Scaler.scale, batchio.BatchedMethod)
+
+
+async def test_a_collected_instance_fails_its_batch_with_closed_error() -> None:
+    """The wrapper holds instances weakly: a batch that runs after the instance is gone fails
+    with BatcherClosedError instead of resurrecting it."""
+    s = Scaler(2)
+    bound = s.scale
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(batchio.BatcherClosedError, match="garbage-collected"):
+        await bound(1)
+    await bound.aclose()

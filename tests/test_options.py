@@ -94,3 +94,22 @@ def test_options_are_shared_and_keywords_apply_on_top() -> None:
 def test_policy_checks_are_the_options_checks() -> None:
     with pytest.raises(TypeError, match="max_batch_size must be an int"):
         MaxSizeOrWait(max_batch_size=2.5, max_wait=0)  # type: ignore[arg-type]
+
+
+def test_default_timeout_marker_is_a_named_singleton() -> None:
+    import pickle
+
+    assert repr(batchio.DEFAULT) == "batchio.DEFAULT"
+    assert pickle.loads(pickle.dumps(batchio.DEFAULT)) is batchio.DEFAULT
+
+
+def test_options_must_be_a_batcher_options() -> None:
+    with pytest.raises(TypeError, match="options must be a batchio.BatcherOptions"):
+        Batcher(identity, options={"max_batch_size": 3})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unknown batcher option"):
+        BatcherOptions().replace(max_batch=3)
+
+
+def test_decorating_something_that_is_not_callable_is_refused() -> None:
+    with pytest.raises(TypeError, match="decorates a function or method"):
+        batchio.batch(42)  # type: ignore[call-overload]
