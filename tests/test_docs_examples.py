@@ -1,27 +1,33 @@
-"""The example in docs/testing.md, kept here so it cannot rot."""
+"""The examples in docs/testing.md, run from the page itself so they cannot rot."""
 
 from __future__ import annotations
 
-import asyncio
+import re
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import pytest
-from anyio import wait_all_tasks_blocked
-
-from batchio import Batcher
-from batchio.testing import GatedBatchFn
 
 pytestmark = pytest.mark.anyio
 
+PAGE = Path(__file__).parents[1] / "docs" / "testing.md"
+
+
+def example(name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The async test function ``name`` defined by one of the page's python blocks."""
+    for block in re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.DOTALL):
+        if f"async def {name}(" in block:
+            namespace: dict[str, Any] = {}
+            exec(compile(block, str(PAGE), "exec"), namespace)  # noqa: S102 - our own docs
+            return namespace[name]  # type: ignore[no-any-return]
+    raise AssertionError(f"{name} is not on {PAGE.name} any more")
+
 
 async def test_requests_queue_while_a_batch_runs() -> None:
-    fn: GatedBatchFn[int, int] = GatedBatchFn(lambda x: x * 2, gated=True)
-    async with Batcher(fn, max_batch_size=4, max_wait=0) as b:
-        first = asyncio.ensure_future(b(1))
-        await fn.wait_entered(1)
-        rest = [asyncio.ensure_future(b(i)) for i in range(2, 6)]
-        await wait_all_tasks_blocked()
-        assert b.statistics().queue_depth == 4
-        fn.open()
-        assert await first == 2
-        assert await asyncio.gather(*rest) == [4, 6, 8, 10]
-    assert fn.batches == [[1], [2, 3, 4, 5]]
+    await example("test_requests_queue_while_a_batch_runs")()
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # a virtual clock: asyncio only
+async def test_a_queued_request_times_out_without_running() -> None:
+    await example("test_a_queued_request_times_out_without_running")()

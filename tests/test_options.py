@@ -104,7 +104,7 @@ def test_default_timeout_marker_is_a_named_singleton() -> None:
 
 
 def test_options_must_be_a_batcher_options() -> None:
-    with pytest.raises(TypeError, match="options must be a batchio.BatcherOptions"):
+    with pytest.raises(TypeError, match=r"options must be a batchio\.BatcherOptions"):
         Batcher(identity, options={"max_batch_size": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown batcher option"):
         BatcherOptions().replace(max_batch=3)
