@@ -276,7 +276,7 @@ class Batcher(Generic[InT, OutT]):
         self._fail_queued(exc)
         tasks = list(self._running)
         for task, batch in self._running.items():
-            self._outcomes.fail_all(batch.owners, exc)
+            self._outcomes.fail_batch(batch, exc)
             if batch.job is not None and self._threads is not None:
                 self._threads.abandon(batch.job, replace=False)
             task.cancel()
@@ -540,7 +540,7 @@ class Batcher(Generic[InT, OutT]):
         broken.__cause__ = cause
         self._fail_queued(broken)
         for batch in self._running.values():
-            self._outcomes.fail_all(batch.owners, broken)
+            self._outcomes.fail_batch(batch, broken)
         self._wake()
         self._release_threads()
 
@@ -572,7 +572,7 @@ class Batcher(Generic[InT, OutT]):
                     else:
                         outcomes = await self._within_limit(batch, job, limit)
             except Exception as exc:
-                self._outcomes.fail_all(batch.owners, exc)
+                self._outcomes.fail_batch(batch, exc)
             except BaseException as exc:
                 task = asyncio.current_task()
                 if isinstance(exc, _PROPAGATE) or (
@@ -584,7 +584,7 @@ class Batcher(Generic[InT, OutT]):
                     "Exception; the batch failed, the batcher carries on"
                 )
                 err.__cause__ = exc
-                self._outcomes.fail_all(batch.owners, err)
+                self._outcomes.fail_batch(batch, err)
             else:
                 if outcomes is not None:  # None: the batch stalled and was failed already
                     self._outcomes.deliver(batch, outcomes)
@@ -599,7 +599,7 @@ class Batcher(Generic[InT, OutT]):
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
                 # be left waiting on a batch that will never report.
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
-                self._outcomes.fail_all(batch.owners, broken)
+                self._outcomes.fail_batch(batch, broken)
 
     async def _within_limit(
         self, batch: Batch, work: Job | asyncio.Task[list[Any]], limit: float
@@ -619,7 +619,7 @@ class Batcher(Generic[InT, OutT]):
             return fut.result()
         self._tally.counts[STALLED] += 1
         _log.warning("batchio batch of %r stalled (batch_time_limit=%g s)", self, limit)
-        self._outcomes.fail_all(batch.owners, BatchStalledError(limit))
+        self._outcomes.fail_batch(batch, BatchStalledError(limit))
         if isinstance(work, Job):
             cast(WorkerThreads, self._threads).abandon(work)
             fut.cancel()

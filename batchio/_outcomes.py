@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, cast
 
-from ._exceptions import RequestTimeoutError
+from ._exceptions import BatchFunctionError, RequestTimeoutError
 from ._request import GONE, Batch, Owner, Request
 from ._stats import CANCELLED, COMPLETED, FAILED, SUBMITTED, TIMED_OUT, Tally
 
@@ -20,16 +20,24 @@ __all__: list[str] = []
 
 
 def settleable(exc: BaseException) -> BaseException:
-    """``exc``, or a ``RuntimeError`` wrapping it if a future cannot hold it.
+    """``exc``, or an error wrapping it if a caller should not get it raw.
 
     asyncio futures refuse ``StopIteration`` (it would end the awaiting coroutine instead of being
-    raised in it); Python's coroutines convert it the same way.
+    raised in it): it becomes a ``RuntimeError``, as Python's coroutines convert it. Any other
+    ``BaseException`` that is not an ``Exception`` (a ``CancelledError`` or ``KeyboardInterrupt``
+    a batch function put in a slot, say) would cancel or stop the caller that receives it: it
+    becomes a :class:`~batchio.BatchFunctionError`.
     """
     if isinstance(exc, StopIteration):
-        wrapped = RuntimeError(f"the batch function raised {exc!r}")
-        wrapped.__cause__ = exc
-        return wrapped
-    return exc
+        wrapped: BaseException = RuntimeError(f"the batch function raised {exc!r}")
+    elif not isinstance(exc, Exception):
+        wrapped = BatchFunctionError(
+            f"the batch function gave {exc!r}, a BaseException that is not an Exception"
+        )
+    else:
+        return exc
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 class Outcomes:
@@ -116,8 +124,22 @@ class Outcomes:
         for owner in owners:
             self._settle(owner, False, exc)
 
+    def fail_batch(self, batch: Batch, exc: BaseException) -> None:
+        """Fail every request of ``batch`` not done yet; the batch is then settled for good.
+
+        A plain future carries no "counted" mark, so a batch is settled once: whatever reaches
+        it later (its delivery after the executor died, its ``finally`` after a bounded close)
+        finds it settled and counts nothing twice.
+        """
+        if not batch.settled:
+            batch.settled = True
+            self.fail_all(batch.owners, exc)
+
     def deliver(self, batch: Batch, outcomes: Sequence[Any]) -> None:
         """Hand each request of ``batch`` its own slice of ``outcomes`` (results or errors)."""
+        if batch.settled:
+            return
+        batch.settled = True
         owners = batch.owners
         if batch.simple and not any(map(isinstance, outcomes, repeat(BaseException))):
             # The fast path: one plain future per row, no errors in slots, one counter update.

@@ -129,9 +129,10 @@ class Batch:
     is true and ``owners`` lines up with ``inputs`` one to one: the fast path.
     """
 
-    __slots__ = ("counts", "inputs", "job", "offsets", "owners", "simple")
+    __slots__ = ("counts", "inputs", "job", "offsets", "owners", "settled", "simple")
 
     def __init__(self) -> None:
+        self.settled = False  # its requests have been delivered to, or failed, once
         self.job: Any = None  # the worker job running it (a sync fn), once started
         self.inputs: list[Any] = []
         self.owners: list[Owner] = []

@@ -37,8 +37,10 @@ class WaitingRoom:
         wait_for_room: park requests that do not fit (``when_full="wait"``) instead of refusing.
         tally: where admissions and rejections are counted.
         outcomes: settles requests found dead or expired here.
-        wake: called when the queue reaches the row count set by :meth:`wake_at`, or when a
-            request is parked (a full queue should be dispatched without waiting).
+        wake: called when the queue reaches the row count set by :meth:`wake_at`, when a
+            request is parked (a full queue should be dispatched without waiting), and when
+            room frees while requests are parked (the executor then calls
+            :meth:`admit_parked`).
     """
 
     __slots__ = (
@@ -226,8 +228,10 @@ class WaitingRoom:
         self._after_leave()
 
     def _after_leave(self) -> None:
+        # Room was freed: the executor admits the parked requests when it next looks (never
+        # from here, which may be deep inside admit_parked, take or drop_dead_front).
         if self._parked:
-            self.admit_parked()
+            self._wake()
 
     def _drop_fast(self, entry: list[Any]) -> None:
         entry[STATE] = GONE
@@ -240,16 +244,18 @@ class WaitingRoom:
         while dq:
             entry = dq[0]
             if type(entry) is Request:
-                if entry.state != GONE:
-                    if not entry.future.done():
-                        return
-                    self._outcomes.cancelled(entry)  # uncounts its rows
-            elif entry[STATE] != GONE:  # type: ignore[index]
-                if not entry[FUT].done():  # type: ignore[index]
+                if entry.state != GONE and not entry.future.done():
                     return
-                self.rows -= 1
-                self._drop_fast(entry)  # type: ignore[arg-type]
-            dq.popleft()
+                dq.popleft()
+                if entry.state != GONE:
+                    self._outcomes.cancelled(entry)  # uncounts its rows
+            else:
+                if entry[STATE] != GONE and not entry[FUT].done():  # type: ignore[index]
+                    return
+                dq.popleft()
+                if entry[STATE] != GONE:  # type: ignore[index]
+                    self.rows -= 1
+                    self._drop_fast(entry)  # type: ignore[arg-type]
 
     # -- leaving for a batch ---------------------------------------------------------------------------
 
