@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._options import DEFAULT, BatcherOptions, BatcherOptionsKw, TimeoutArg, options_from
 from ._outcomes import Outcomes
-from ._policy import Dispatch, QueueState
+from ._policy import Dispatch, QueueState, Wait
 from ._request import FUT, QUEUED, Batch, Entry, Request
 from ._room import WaitingRoom
 from ._stats import STALLED, BatcherStatistics, Tally
@@ -213,11 +213,23 @@ class Batcher(Generic[InT, OutT]):
         return self._policy.max_batch_size
 
     def close(self) -> None:
-        """Stop accepting requests; those already queued are still run (see :meth:`aclose`)."""
-        if not self._closed:
-            self._closed = True
-            self._open_loop = None
+        """Stop accepting requests; those already queued are still run (see :meth:`aclose`).
+
+        Safe from any thread: off the batcher's loop, the executor is woken through
+        ``call_soon_threadsafe``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._open_loop = None
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
             self._wake()
+        elif not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # closed meanwhile: nothing left to wake
+                pass
 
     async def aclose(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop intake, then drain: wait until every accepted request has been resolved.
@@ -477,8 +489,11 @@ class Batcher(Generic[InT, OutT]):
                 )
             )
             if isinstance(decision, Dispatch):
-                self._dispatch(max(1, decision.rows), now)
-                continue
+                if self._dispatch(max(1, decision.rows), now) or room.rows:
+                    continue
+                # A policy that dispatches from an empty queue would spin the loop: wait for
+                # the next arrival instead.
+                decision = Wait(deadline=None, wake_at_rows=1)
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
             if wake_at is not None and max_queue is not None:
@@ -495,16 +510,18 @@ class Batcher(Generic[InT, OutT]):
                 if timer is not None:
                     timer.cancel()
 
-    def _dispatch(self, rows: int, now: float) -> None:
+    def _dispatch(self, rows: int, now: float) -> bool:
+        """Start a batch of up to ``rows`` rows; False if there was nothing live to take."""
         batch, waits = self._room.take(rows, now)
         self._tally.queue_waits.extend(waits)
         if not batch.inputs:
-            return
+            return False
         self._in_flight += 1
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         task = loop.create_task(self._run_batch(batch, now))
         self._running[task] = batch
         task.add_done_callback(self._batch_done)
+        return True
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)

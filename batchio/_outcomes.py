@@ -19,25 +19,35 @@ from ._stats import CANCELLED, COMPLETED, FAILED, SUBMITTED, TIMED_OUT, Tally
 __all__: list[str] = []
 
 
-def settleable(exc: BaseException) -> BaseException:
-    """``exc``, or an error wrapping it if a caller should not get it raw.
+def holdable(exc: BaseException) -> BaseException:
+    """``exc``, or a ``RuntimeError`` wrapping it if an asyncio future cannot hold it.
 
-    asyncio futures refuse ``StopIteration`` (it would end the awaiting coroutine instead of being
-    raised in it): it becomes a ``RuntimeError``, as Python's coroutines convert it. Any other
-    ``BaseException`` that is not an ``Exception`` (a ``CancelledError`` or ``KeyboardInterrupt``
-    a batch function put in a slot, say) would cancel or stop the caller that receives it: it
-    becomes a :class:`~batchio.BatchFunctionError`.
+    Futures refuse ``StopIteration`` (it would end the awaiting coroutine instead of being raised
+    in it); Python's coroutines convert it the same way. Anything else passes as it is, so the
+    batch boundary still sees a ``KeyboardInterrupt`` raised on a worker thread.
     """
     if isinstance(exc, StopIteration):
-        wrapped: BaseException = RuntimeError(f"the batch function raised {exc!r}")
-    elif not isinstance(exc, Exception):
+        wrapped = RuntimeError(f"the batch function raised {exc!r}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
+
+
+def settleable(exc: BaseException) -> BaseException:
+    """``exc`` as a caller may receive it: :func:`holdable`, and a ``BaseException`` that is not
+    an ``Exception`` (a ``CancelledError`` or ``KeyboardInterrupt`` a batch function put in a
+    slot, say), which would cancel or stop the caller, becomes a
+    :class:`~batchio.BatchFunctionError`.
+    """
+    if isinstance(exc, StopIteration):
+        return holdable(exc)
+    if not isinstance(exc, Exception):
         wrapped = BatchFunctionError(
             f"the batch function gave {exc!r}, a BaseException that is not an Exception"
         )
-    else:
-        return exc
-    wrapped.__cause__ = exc
-    return wrapped
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
 
 
 class Outcomes:

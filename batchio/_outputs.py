@@ -2,9 +2,10 @@
 
 Accepted: a sequence (list, tuple, ``range``, any ``collections.abc.Sequence`` but ``str`` and
 ``bytes``), an iterator or generator (consumed once), and an array with a leading batch dimension
-(NumPy ``ndarray``, torch ``Tensor``, anything with a ``shape`` and ``copy()``/``clone()``).
-Each caller of an array gets its own row as a copy (``row.copy()``, ``row.clone()``), never a view
+(NumPy ``ndarray``, torch ``Tensor``, anything with a ``shape`` and ``__getitem__``). Each
+caller of an array gets its own row as a copy (``row.clone()``, else ``row.copy()``), never a view
 that would keep the whole batch's buffer alive for as long as one caller holds its result.
+A sequence is used as it is: ``fn`` must return a new one per call, not a list it reuses.
 
 Refused with :class:`~batchio.BatchOutputError`, which names the contract: sets and mappings
 (their order is not the inputs' order, so results would cross between callers), strings and
@@ -63,6 +64,8 @@ def _array_rows(out: Any) -> list[Any]:
     shape = tuple(out.shape)
     if not shape:
         raise _refuse(out, "a 0-d array has no batch dimension")
-    # Each row is copied so it owns its memory: a view would keep the whole batch alive.
-    copy = "clone" if hasattr(out, "clone") else "copy"
-    return [getattr(out[i], copy)() for i in range(shape[0])]
+    # Each row is copied so it owns its memory: a view would keep the whole batch alive. An
+    # array type with neither method (an immutable tensor, say) hands out its rows as they are.
+    copy = "clone" if hasattr(out, "clone") else "copy" if hasattr(out, "copy") else None
+    rows = [out[i] for i in range(shape[0])]
+    return rows if copy is None else [getattr(row, copy)() for row in rows]

@@ -39,11 +39,13 @@ class Request:
         "deadline",
         "enqueued_at",
         "future",
+        "is_map",
         "item",
         "items",
         "offset",
         "outstanding",
         "results",
+        "rows",
         "state",
         "timeout",
         "timer",
@@ -56,8 +58,9 @@ class Request:
         self.future = future
         self.item = item
         self.items = items  # None for a one-row request
+        self.is_map = items is not None
         self.enqueued_at = now
-        rows = 1 if items is None else len(items)
+        self.rows = rows = 1 if items is None else len(items)  # rows this request asked for
         self.undispatched = rows  # rows not yet taken into a batch
         self.outstanding = rows  # rows whose results have not come back
         self.offset = 0  # the next row of `items` to take
@@ -67,11 +70,6 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.state = QUEUED
         self.counted = False  # its outcome is in the statistics
-
-    @property
-    def rows(self) -> int:
-        """Rows this request asked for."""
-        return 1 if self.items is None else len(self.items)
 
     def set_deadline(self, loop: asyncio.AbstractEventLoop, timeout: float, expire: Any) -> None:
         """Arm the timer that calls ``expire(self)`` ``timeout`` seconds after submission."""
@@ -83,7 +81,7 @@ class Request:
         """Take up to ``room`` of the rows still queued: ``(inputs, offset, count)``."""
         start = self.offset
         n = min(room, self.undispatched)
-        inputs = [self.item] if self.items is None else self.items[start : start + n]
+        inputs = self.items[start : start + n] if self.is_map else [self.item]  # type: ignore[index]
         self.offset = start + n
         self.undispatched -= n
         return inputs, start, n
@@ -93,6 +91,7 @@ class Request:
         rows = self.undispatched
         self.undispatched = 0
         self.state = GONE
+        self.item = self.items = None  # the inputs are not needed any more: let them go
         self.disarm()
         return rows
 
@@ -114,7 +113,7 @@ class Request:
     def result(self) -> Any:
         """The value the caller gets: its one result, or the list of a ``map``."""
         assert self.results is not None
-        return self.results[0] if self.items is None else self.results
+        return self.results if self.is_map else self.results[0]
 
 
 Entry: TypeAlias = "FastEntry | Request"

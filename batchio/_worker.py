@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._exceptions import BatchOutputError, BatchSizeMismatchError
-from ._outcomes import settleable
+from ._outcomes import holdable
 from ._outputs import output_rows
 
 __all__: list[str] = []
@@ -119,7 +119,7 @@ def _work(shared: _Shared) -> None:
         try:
             outcome: tuple[bool, Any] = (True, fn(arg))  # type: ignore[misc]
         except BaseException as exc:  # delivered to the batch, which decides what to catch
-            outcome = (False, settleable(exc))
+            outcome = (False, holdable(exc))
         del fn, arg  # drop the batch's inputs before waiting for the next job
         with shared.lock:  # decided once: either abandoned, or finished in time
             if job.abandoned:
