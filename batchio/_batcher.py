@@ -353,14 +353,23 @@ class Batcher(Generic[InT, OutT]):
             BatchFunctionError: ``fn`` raised a ``BaseException`` that is not an ``Exception``.
             Exception: whatever ``fn`` raised for this request's batch, or put in its slot.
         """
-        entry = self._enqueue(item, timeout)
-        fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
+        loop = self._open_loop
+        entry: Entry
+        if timeout is DEFAULT and self._timeout is None and _running_loop() is loop is not None:
+            # The common case, inlined (one Python call less per request than _enqueue).
+            fut = loop.create_future()
+            entry = [fut, item, self._clock(), QUEUED]
+            self._room.put_fast(entry)
+        else:
+            entry = self._enqueue(item, timeout)
+            fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
         try:
-            return cast(OutT, await fut)
+            result: OutT = await fut
         except asyncio.CancelledError:
             if fut.cancelled():  # the caller was cancelled (not: cancelled at delivery)
                 self._room.cancel(entry)
             raise
+        return result
 
     submit = __call__
 
@@ -373,6 +382,11 @@ class Batcher(Generic[InT, OutT]):
         queue (until then its row counts in ``queue_depth`` and toward ``max_queue_size``).
         Same arguments and errors as :meth:`__call__`.
         """
+        loop = self._open_loop
+        if timeout is DEFAULT and self._timeout is None and _running_loop() is loop is not None:
+            fut = loop.create_future()  # the common case, inlined as in __call__
+            self._room.put_fast([fut, item, self._clock(), QUEUED])
+            return fut
         entry = self._enqueue(item, timeout)
         return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
@@ -403,11 +417,12 @@ class Batcher(Generic[InT, OutT]):
         """
         req = self._enqueue_map(items, timeout)
         try:
-            return cast("list[OutT]", await req.future)
+            results: list[OutT] = await req.future
         except asyncio.CancelledError:
             if req.future.cancelled():
                 self._room.cancel(req)
             raise
+        return results
 
     def map_nowait(
         self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT

@@ -269,6 +269,9 @@ class WaitingRoom:
         waits: list[float] = []
         dq = self._dq
         popleft = dq.popleft
+        # The per-row hot loop: appends bound once, the batch's lists filled directly while it
+        # is simple (one plain future per row).
+        add_input, add_owner, add_wait = batch.inputs.append, batch.owners.append, waits.append
         room = max_rows
         taken = 0
         while room and dq:
@@ -284,9 +287,12 @@ class WaitingRoom:
                     fast[ITEM] = None
                     self._outcomes.cancelled(fut)
                     continue
-                batch.add_fast(fut, fast[ITEM])
-                fast[ITEM] = None  # the batch holds the input now, and only the batch
-                waits.append(now - fast[AT])
+                if batch.simple:
+                    add_input(fast[ITEM])
+                    add_owner(fut)
+                else:
+                    batch.add_fast(fut, fast[ITEM])
+                add_wait(now - fast[AT])
                 room -= 1
                 taken += 1
                 continue

@@ -14,12 +14,17 @@ wall time on a shared machine):
 - ``batch-scaling``: batchio with an ``async def`` no-op at 64 rows/256 clients and at
   256 rows/1024 clients; the two solve for the per-batch and per-request costs.
 - ``loop-check``: ``asyncio.get_running_loop() is loop`` against ``threading.get_ident() == tid``.
+- ``call-paths``: CPU per request through each call path (64 rows, 256 clients, a no-op ``fn``,
+  sync and ``async def``): ``await b(x)`` (a coroutine), ``await b.submit_nowait(x)`` (the
+  future), the floor, and, with ``$BATCHIO_BASELINE`` set to an older checkout, that version's
+  ``await b(x)``: the before/after of a core change, interleaved in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -122,6 +127,35 @@ async def batchio_async_noop(rows: int, clients: int, requests: int = 100_000) -
         return (time.process_time() - start) / (per * clients)
 
 
+async def batchio_calls(
+    cls: Any,
+    path: str,
+    use_async: bool,
+    rows: int = 64,
+    clients: int = 256,
+    requests: int = 100_000,
+) -> float:
+    """CPU seconds per request through one call path of a ``Batcher`` class."""
+
+    async def afn(items: list[int]) -> list[int]:
+        return items
+
+    def fn(items: list[int]) -> list[int]:
+        return items
+
+    per = requests // clients
+    async with cls(afn if use_async else fn, max_batch_size=rows, max_wait=0.001) as b:
+        call = b.submit_nowait if path == "nowait" else b
+
+        async def client() -> None:
+            for i in range(per):
+                await call(i)
+
+        start = time.process_time()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return (time.process_time() - start) / (per * clients)
+
+
 async def loop_checks(n: int = 1_000_000) -> tuple[float, float]:
     get_loop, get_ident = asyncio.get_running_loop, threading.get_ident
     loop, tid = get_loop(), get_ident()
@@ -138,6 +172,33 @@ async def loop_checks(n: int = 1_000_000) -> tuple[float, float]:
         _ = get_ident() == tid
     by_thread = time.perf_counter() - start - empty
     return by_loop / n, by_thread / n
+
+
+def call_paths(repeats: int, loop: LoopName) -> dict[str, float]:
+    """Best-of CPU µs per request for each call path, the paths interleaved repeat by repeat."""
+    from ._contenders import _baseline_cls
+
+    paths: dict[str, Callable[[], Coroutine[Any, Any, float]]] = {}
+    try:
+        baseline: Any = _baseline_cls()
+    except ImportError:
+        baseline = None
+    for colour, use_async in (("async", True), ("sync", False)):
+        paths[f"{colour} fn: await b(x)"] = functools.partial(
+            batchio_calls, batchio.Batcher, "call", use_async
+        )
+        paths[f"{colour} fn: await b.submit_nowait(x)"] = functools.partial(
+            batchio_calls, batchio.Batcher, "nowait", use_async
+        )
+        if baseline is not None:
+            paths[f"{colour} fn: baseline await b(x)"] = functools.partial(
+                batchio_calls, baseline, "call", use_async
+            )
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(repeats):
+        for name, run in paths.items():
+            best[name] = min(best[name], run_on_loop(loop, run))
+    return {name: seconds * 1e6 for name, seconds in best.items()}
 
 
 def main() -> None:
@@ -180,6 +241,8 @@ def main() -> None:
                 "get_running_loop() is loop": by_loop * 1e9,
                 "get_ident() == tid": by_thread * 1e9,
             }
+        if "call-paths" in only:
+            out["call_paths_us"] = call_paths(r, lp)
         results[lp] = out
         print(f"== {lp}")
         for name, table in out.items():

@@ -6,11 +6,13 @@ benchmark code cannot rot silently. Peers that are not installed are skipped by 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
+import batchio
 from bench import bench_overhead, suite
 from bench._contenders import by_name
 from bench._harness import BatchSpec, Progress
@@ -102,6 +104,12 @@ def test_micro_experiments_run_at_tiny_sizes() -> None:
         assert run_on_loop(loop, lambda: micro.hop_batchio(20)) > 0
         assert run_on_loop(loop, lambda: micro.floor(True, requests=2_000, clients=16)) > 0
         assert run_on_loop(loop, lambda: micro.batchio_async_noop(8, 16, requests=2_000)) > 0
+        for path in ("call", "nowait"):
+            for use_async in (True, False):
+                run = functools.partial(
+                    micro.batchio_calls, batchio.Batcher, path, use_async, 8, 16, 512
+                )
+                assert run_on_loop(loop, run) > 0
         by_loop, by_thread = run_on_loop(loop, lambda: micro.loop_checks(1_000))
         assert isinstance(by_loop, float)
         assert isinstance(by_thread, float)
