@@ -391,7 +391,7 @@ class Batcher(Generic[InT, OutT]):
         return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
     def _enqueue(self, item: Any, timeout: TimeoutArg) -> Entry:
-        # The hot path: one exact future, one list, one call into the room.
+        # Every call that is not the inlined common case: refusals, deadlines, per-call timeouts.
         loop = self._open_loop
         if loop is None or _running_loop() is not loop:
             self._refuse()
