@@ -156,3 +156,32 @@ async def test_real_minilm_matches_sentence_transformers(minilm_path: Path) -> N
     similar = float(batched[0] @ batched[1])
     unrelated = float(batched[0] @ batched[3])
     assert similar > unrelated
+
+
+async def test_wrappers_share_the_batcher_options_and_take_a_per_call_timeout(
+    tiny_bert: Any, tiny_classifier: Any, tokenizer: Any
+) -> None:
+    """Every batcher option is accepted and validated the same way as on Batcher; the calls take
+    ``timeout=`` with its one meaning."""
+    import batchio
+
+    with pytest.raises(TypeError, match="max_batch_size must be an int"):
+        SentenceEmbedder(tiny_bert, tokenizer, max_batch_size=2.5)  # type: ignore[arg-type]
+    pipe = transformers.pipeline(
+        "text-classification", model=tiny_classifier, tokenizer=tokenizer, device="cpu"
+    )
+    with pytest.raises(ValueError, match="max_wait"):
+        BatchedPipeline(pipe, max_wait=-1)
+    clf = BatchedPipeline(pipe, top_k=None, batch_time_limit=60.0)
+    assert clf.call_kwargs == {"top_k": None}
+    opts = clf.batcher.options
+    assert (opts.batch_time_limit, opts.isolate_errors) == (60.0, True)  # its own default kept
+    assert clf.batcher.name == "pipeline:text-classification"
+    shared = batchio.BatcherOptions(max_batch_size=3, timeout=30.0)
+    async with SentenceEmbedder(tiny_bert, tokenizer, options=shared, max_wait=0) as e:
+        assert e.batcher.options == shared.replace(max_wait=0)
+        one = await e("the fox", timeout=None)
+        many = await e.map(["a dog", "a cat"], timeout=5.0)
+        with pytest.raises(ValueError, match="timeout"):
+            await e("x", timeout=0)
+    assert one.shape == many[0].shape
