@@ -220,8 +220,10 @@ class Batcher(Generic[InT, OutT]):
         """
         if self._closed:
             return
-        self._closed = True
+        # Intake first: once the executor sees `_closed` with an empty queue it exits for good,
+        # so no call may still be admitted after that (close() may run on another thread).
         self._open_loop = None
+        self._closed = True
         loop = self._loop
         if loop is None or _running_loop() is loop:
             self._wake()
@@ -452,7 +454,8 @@ class Batcher(Generic[InT, OutT]):
         loop = self._loop
         if loop is not None and loop.is_closed():
             self._refuse_foreign_loop(loop)
-        if self._closed or loop is None:
+        # On its own loop a refused call can only mean closed (or closing, from another thread).
+        if self._closed or loop is None or _running_loop() is loop:
             raise BatcherClosedError(
                 f"{self!r} is not accepting requests"
                 + ("" if loop else "; use it as `async with Batcher(...) as b:`")
@@ -504,8 +507,8 @@ class Batcher(Generic[InT, OutT]):
                 )
             )
             if isinstance(decision, Dispatch):
-                if self._dispatch(max(1, decision.rows), now) or room.rows:
-                    continue
+                if self._dispatch(max(1, decision.rows), now) or room.rows or room.parked_rows:
+                    continue  # (rows the batch timed out may have made room for parked ones)
                 # A policy that dispatches from an empty queue would spin the loop: wait for
                 # the next arrival instead.
                 decision = Wait(deadline=None, wake_at_rows=1)
