@@ -507,8 +507,10 @@ class Batcher(Generic[InT, OutT]):
                 )
             )
             if isinstance(decision, Dispatch):
-                if self._dispatch(max(1, decision.rows), now) or room.rows or room.parked_rows:
-                    continue  # (rows the batch timed out may have made room for parked ones)
+                if self._dispatch(max(1, decision.rows), now) or not room.empty or self._closed:
+                    # Look again: rows the batch timed out may have made room for parked ones,
+                    # or emptied a closing queue (then the executor exits at the top).
+                    continue
                 # A policy that dispatches from an empty queue would spin the loop: wait for
                 # the next arrival instead.
                 decision = Wait(deadline=None, wake_at_rows=1)

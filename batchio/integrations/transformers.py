@@ -218,7 +218,8 @@ class BatchedPipeline(BatcherOwner[Any, Any]):
 
     Args:
         pipe: the pipeline (e.g. ``pipeline("text-classification", model=..., tokenizer=...)``).
-        options: a :class:`batchio.BatcherOptions` to start from.
+        options: a :class:`batchio.BatcherOptions` to start from; it replaces this wrapper's
+            defaults (``isolate_errors`` included), so set what you want in it.
         **kwargs: the options of :class:`batchio.BatcherOptions` by name (``max_batch_size``,
             ``timeout``, ...; here ``isolate_errors`` defaults to true and ``name`` to
             ``pipeline:<task>``); every other keyword is passed to each pipeline call
