@@ -19,22 +19,14 @@ import pytest
 from batchio import Batcher, RequestTimeoutError
 from batchio.testing import GatedBatchFn, VirtualClock, wait_all_tasks_blocked
 
+from .test_review_core_v2 import _consistent, double
+
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("asyncio", {})
-
-
-def double(x: int) -> int:
-    return 2 * x
-
-
-def _consistent(b: Batcher[Any, Any]) -> None:
-    s = b.statistics()
-    assert s.pending >= 0, s
-    assert s.submitted == s.completed + s.failed + s.cancelled + s.timed_out + s.pending, s
 
 
 async def test_parked_request_waits_forever_after_an_empty_dispatch_of_expired_rows() -> None:
