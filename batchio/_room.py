@@ -212,9 +212,7 @@ class WaitingRoom:
             self.parked_rows -= 1
         else:
             self.rows -= 1
-        entry[STATE] = GONE  # type: ignore[index]
-        entry[ITEM] = None  # type: ignore[index]
-        self._outcomes.cancelled(entry[FUT])  # type: ignore[index]
+        self._drop_fast(entry)  # type: ignore[arg-type]
         self._after_leave()
 
     def forget(self, req: Request) -> None:
@@ -234,6 +232,7 @@ class WaitingRoom:
             self._wake()
 
     def _drop_fast(self, entry: list[Any]) -> None:
+        """A fast entry leaves without running: mark it, let go of its input, count it."""
         entry[STATE] = GONE
         entry[ITEM] = None
         self._outcomes.cancelled(entry[FUT])
@@ -281,12 +280,11 @@ class WaitingRoom:
                 if fast[STATE] == GONE:
                     continue
                 fut = fast[FUT]
-                fast[STATE] = GONE
                 if fut.done():  # a submit_nowait future its caller cancelled
                     self.rows -= 1
-                    fast[ITEM] = None
-                    self._outcomes.cancelled(fut)
+                    self._drop_fast(fast)
                     continue
+                fast[STATE] = GONE
                 if batch.simple:
                     add_input(fast[ITEM])
                     add_owner(fut)
