@@ -113,3 +113,28 @@ def test_micro_experiments_run_at_tiny_sizes() -> None:
         by_loop, by_thread = run_on_loop(loop, lambda: micro.loop_checks(1_000))
         assert isinstance(by_loop, float)
         assert isinstance(by_thread, float)
+
+
+def test_pipeline_bench_runs_and_prints_its_last_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench_pipeline at tiny sizes: every contender runs, and the last line is the ratio."""
+    import re
+
+    from bench import bench_pipeline
+
+    out = tmp_path / "pipeline.json"
+    bench_pipeline.main(
+        ["--quiet", "--clients", "32", "--requests", "600", "--batch-size", "16",
+         "--repeats", "1", "--corpus-size", "256", "--json", str(out)]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    staged_skipped = bench_pipeline.staged_unavailable() is not None
+    pattern = r"staged/limit = n/a" if staged_skipped else r"staged/limit = \d+\.\d\d"
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+    results = json.loads(out.read_text())
+    names = {r["contender"] for r in results["rows"] if "error" not in r}
+    expected = {"limit", "single-worker"} | ({"async-batcher"} - set(results["skipped"]))
+    assert expected | ({"staged"} if not staged_skipped else set()) == names
+    for r in results["rows"]:
+        assert r["rows_per_s"]["median"] > 0
