@@ -25,9 +25,10 @@ from transformers import AutoModel, AutoTokenizer
 from .. import Batcher, BatcherOptions, BatcherOptionsKw
 from ._isolate import run_isolating
 from ._owner import BatcherOwner, own_batcher
+from ._tokenize import TextTokenizer, text_problem
 from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
 
-__all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "mean_pool"]
+__all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "TextTokenizer", "mean_pool"]
 
 
 def mean_pool(output: Any, batch: CollatedBatch, *, normalize: bool = True) -> torch.Tensor:
@@ -134,19 +135,7 @@ class TextEmbeddingFn:
         return [{key: encoded[key][j] for key in keys} for j in range(len(texts))]
 
 
-def _text_problem(text: object) -> str | None:
-    """Why ``text`` cannot be tokenized, or None when it can."""
-    if not isinstance(text, str):
-        return f"expected a str, got {type(text).__name__}"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        # Fast tokenizers take only valid Unicode, and refuse the whole batch over one text.
-        return (
-            f"the text cannot be encoded as UTF-8 ({exc.reason} at position {exc.start}); "
-            "decode its bytes with errors='replace' or drop the bad characters"
-        )
-    return None
+_text_problem = text_problem
 
 
 class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
@@ -242,3 +231,7 @@ class BatchedPipeline(BatcherOwner[Any, Any]):
     def run_batch(self, inputs: list[Any]) -> list[Any]:
         """The batch function: one pipeline call over ``inputs``, one result per input."""
         return list(self.pipe(inputs, batch_size=len(inputs), **self.call_kwargs))
+
+
+# Tracebacks and reprs name the public module, not the private one each class lives in.
+TextTokenizer.__module__ = __name__
