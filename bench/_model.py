@@ -42,6 +42,9 @@ class Embedder:
     dim: int
     net: Any = None  # the loaded transformers model (for batchio's SentenceEmbedder contender)
     tokenizer: Any = None
+    # fn == forward(tokenize(texts)); apart, so the forward-only limit can tokenize in advance.
+    tokenize: Callable[[list[str]], Any] | None = None
+    forward: Callable[[Any], list[Any]] | None = None
 
     def warmup(self, sentences: Sequence[str], batch_sizes: Sequence[int] = (1, 8, 64)) -> None:
         """Run a few batches so lazy initialisation (allocator, kernels) is not timed."""
@@ -67,11 +70,14 @@ def load_embedder(
     tokenizer = AutoTokenizer.from_pretrained(path)
     net = AutoModel.from_pretrained(path).to(device).eval()
 
-    def embed(texts: list[str]) -> list[Any]:
+    def tokenize(texts: list[str]) -> Any:
+        return tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+
+    def forward(enc: Any) -> list[Any]:
+        """Everything after tokenizing: the device's part (the forward-only limit times it)."""
         with torch.inference_mode():
-            enc = tokenizer(
-                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
             enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
             hidden = net(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -79,6 +85,9 @@ def load_embedder(
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
             out = pooled.float().cpu().numpy()  # .cpu() synchronises on CUDA
         return list(out)
+
+    def embed(texts: list[str]) -> list[Any]:
+        return forward(tokenize(texts))
 
     dim = int(net.config.hidden_size)
     return Embedder(
@@ -90,4 +99,6 @@ def load_embedder(
         dim=dim,
         net=net,
         tokenizer=tokenizer,
+        tokenize=tokenize,
+        forward=forward,
     )

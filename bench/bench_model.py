@@ -2,7 +2,9 @@
 
 Baselines without a batcher: the offline ceiling (the batch function called directly on full,
 length-sorted batches of ``--max-batch-size``; also reported unsorted, i.e. arrival-order padding)
-and sequential one-at-a-time calls. Then each contender in a closed loop at each
+and sequential one-at-a-time calls; and the **forward-only limit**: the same batches tokenized in
+advance and fed to the model back to back (no tokenizer, no batcher), i.e. the device itself,
+sorted and in arrival order. Then each contender in a closed loop at each
 ``--concurrency``: sentences/s, p50/p99 latency, mean batch size, ratio to the ceiling. Then the
 single-request latency that the batcher adds over a direct call while it is idle.
 
@@ -11,12 +13,14 @@ single-request latency that the batcher adds over a direct call while it is idle
     .venv/bin/python -m bench.bench_model --model /path/to/local/sentence-transformer
 
 Every contender gets the same batch function (tokenize with padding -> forward -> mean-pool ->
-normalise; see ``bench/_model.py``).
+normalise; see ``bench/_model.py``). Each closed-loop row is divided by the ceilings and by the
+forward-only limits (``÷ fwd``), so a run shows how far each contender is from the device itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -52,9 +56,13 @@ from ._workloads import (
 )
 
 __all__ = [
+    "FORWARD_KEYS",
+    "add_forward_ratios",
     "add_model_args",
+    "forward_limits",
     "main",
     "model_contenders",
+    "model_forward_only",
     "prepare_model",
     "print_baselines",
     "print_closed",
@@ -65,6 +73,7 @@ __all__ = [
     "run_idle",
 ]
 
+FORWARD_RATIOS = ("ratio_to_forward_sorted", "ratio_to_forward_arrival")
 LoopsFor = Any  # Callable[[Contender], list[LoopName]] | None
 
 
@@ -126,11 +135,60 @@ def requests_for(concurrency: int, per_client: int, minimum: int) -> int:
     return max(minimum, concurrency * per_client)
 
 
+def model_forward_only(
+    embedder: Embedder, sentences: Sequence[str], *, batch_size: int, sort: bool = True
+) -> float:
+    """The forward-only limit: the ceiling's batches, tokenized in advance, fed to the model back
+    to back (copies in, forward, pooling, copy out); sentences/s.
+
+    On CUDA every batch runs once untimed first, so each shape is warmed (a new shape there can
+    cost 10x a repeated one); on CPU a shape costs the same the first time.
+    """
+    if embedder.tokenize is None or embedder.forward is None:
+        raise ValueError("this Embedder does not expose tokenize/forward separately")
+    texts = sorted(sentences, key=len) if sort else list(sentences)
+    n = len(texts) - len(texts) % batch_size
+    encs = [embedder.tokenize(texts[i : i + batch_size]) for i in range(0, n, batch_size)]
+    forward = embedder.forward
+    if embedder.device.startswith("cuda"):
+        for enc in encs:
+            forward(enc)
+    t0 = time.perf_counter()
+    for enc in encs:
+        forward(enc)
+    return n / (time.perf_counter() - t0)
+
+
+FORWARD_KEYS = {
+    "forward_sorted": "forward-only (sorted)",
+    "forward_arrival": "forward-only (arrival order)",
+}
+
+
+def forward_limits(baselines: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``{"forward_sorted": sentences/s, "forward_arrival": ...}`` from :func:`run_baselines`."""
+    by_key = {r["key"]: r for r in baselines if "sentences_per_s" in r}
+    return {
+        name: by_key[key]["sentences_per_s"]["median"]
+        for name, key in FORWARD_KEYS.items()
+        if key in by_key
+    }
+
+
+def add_forward_ratios(rows: Sequence[dict[str, Any]], limits: dict[str, float]) -> None:
+    """Each closed-loop row gains ``ratio_to_forward_sorted`` / ``ratio_to_forward_arrival``."""
+    for r in rows:
+        if "sentences_per_s" in r:
+            for name, rate in limits.items():
+                r[f"ratio_to_{name}"] = r["sentences_per_s"]["median"] / rate
+
+
 def run_baselines(
     embedder: Embedder, sentences: Sequence[str], *, spec: BatchSpec, ceiling_sentences: int,
     sequential_sentences: int, repeats: int, progress: Progress,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Offline ceiling (sorted and arrival order) and sequential calls."""
+    """Offline ceiling (sorted and arrival order), sequential calls, and the forward-only limit
+    (sorted and arrival order), in that order."""
     sample = sentences[:ceiling_sentences]
     seq_sample = sentences[:sequential_sentences]
     bs = spec.max_batch_size
@@ -151,6 +209,22 @@ def run_baselines(
             {"baseline": "sequential", "batch_size": 1, "sentences": len(seq_sample)},
         ),
     ]
+    for key, sort in (
+        (FORWARD_KEYS["forward_sorted"], True),
+        (FORWARD_KEYS["forward_arrival"], False),
+    ):
+
+        def fwd(sort: bool = sort) -> dict[str, float]:
+            rate = model_forward_only(embedder, sample, batch_size=bs, sort=sort)
+            return {"sentences_per_s": rate}
+
+        meta = {
+            "baseline": "forward-only",
+            "sorted": sort,
+            "batch_size": bs,
+            "sentences": len(sample),
+        }
+        configs.append((key, fwd, meta))
     return run_configs(configs, repeats=repeats, progress=progress, label="baselines")
 
 
@@ -248,15 +322,16 @@ def print_closed(rows: list[dict[str, Any]], title: str) -> None:
     for r in rows:
         head = [r["contender"], r["loop"], str(r["concurrency"])]
         if "sentences_per_s" not in r:
-            table.append([*head, "error: " + r.get("error", "?"), "", "", "", ""])
+            table.append([*head, "error: " + r.get("error", "?"), "", "", "", "", "", ""])
             continue
+        fwd = [f"{r[k]:.2f}" if k in r else "" for k in FORWARD_RATIOS]
         table.append([
             *head, fmt_range(r["sentences_per_s"], ",.1f"),
-            f"{r['ratio_to_ceiling']:.2f}", f"{r['mean_batch_size']['median']:.1f}",
+            f"{r['ratio_to_ceiling']:.2f}", *fwd, f"{r['mean_batch_size']['median']:.1f}",
             fmt_range(r["p50_ms"], ".1f"), fmt_range(r["p99_ms"], ".1f"),
         ])  # fmt: skip
-    headers = ["contender", "loop", "conc", "sentences/s", "÷ ceiling", "mean batch", "p50 ms",
-               "p99 ms"]  # fmt: skip
+    headers = ["contender", "loop", "conc", "sentences/s", "÷ ceiling", "÷ fwd sorted",
+               "÷ fwd arrival", "mean batch", "p50 ms", "p99 ms"]  # fmt: skip
     print_table(title, headers, table)
 
 
@@ -303,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     contenders = model_contenders(a.contenders, embedder, a.max_batch_tokens)
     info = machine_info()
     n_cfg = len(contenders) * len(loops)
-    total = a.repeats * (3 + n_cfg * len(concs) + n_cfg * 2)
+    total = a.repeats * (5 + n_cfg * len(concs) + n_cfg * 2)
     progress = Progress(total, enabled=not a.quiet, description="model")
     skipped: dict[str, str] = {}
     with progress.running():
@@ -321,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in closed:
             if "sentences_per_s" in r:
                 r["ratio_to_arrival_ceiling"] = r["sentences_per_s"]["median"] / arrival
+        forward = forward_limits(base)
+        add_forward_ratios(closed, forward)
         idle = run_idle(
             contenders, embedder, sentences, spec=spec, loops=loops, loops_for=None,
             requests=a.idle_requests, repeats=a.repeats, progress=progress, skipped=skipped,
@@ -337,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"path": embedder.model_path, "device": embedder.device,
                   "torch_threads": embedder.torch_threads, "max_length": embedder.max_length,
                   "fn": "bench/_model.py load_embedder (same fn for every contender)"},
-        "corpus": corpus_stats(sentences), "baselines": base, "closed": closed, "idle": idle,
+        "corpus": corpus_stats(sentences), "baselines": base, "forward_only": forward,
+        "closed": closed, "idle": idle,
         "skipped": skipped,
     })  # fmt: skip
     print(f"wrote {a.json}")

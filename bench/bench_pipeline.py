@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = ["main", "run_pipeline"]
 STAGED = "staged"
 SINGLE = "single-worker"
 LIMIT = "limit"
+FLOOR = "pipeline-floor"
 
 
 def staged_unavailable() -> str | None:
@@ -121,6 +123,68 @@ async def _open_single(s: Setup, device: SimulatedDevice) -> AsyncIterator[Call]
         fn, max_batch_size=s.spec.max_batch_size, max_wait=s.spec.max_wait
     ) as batcher:
         yield batcher
+
+
+@contextlib.asynccontextmanager
+async def _open_pipeline_floor(s: Setup, device: SimulatedDevice) -> AsyncIterator[Call]:
+    """A hand-rolled staged pipeline on raw asyncio, no checks: what the staged form could reach.
+
+    One consumer takes chunks of ``max_batch_size`` (no max_wait timer) and starts a task per
+    batch, at most ``prepare_workers + 2`` at once; each task hops through four executors
+    (tokenize on a pool, collate, device, split on one thread each) and sets its futures.
+    """
+    loop = asyncio.get_running_loop()
+    prep = s.prep
+    workers = s.prepare_workers or 2
+    pools = [ThreadPoolExecutor(workers)] + [ThreadPoolExecutor(1) for _ in range(3)]
+    size = s.spec.max_batch_size
+    pending: list[tuple[asyncio.Future[Any], str]] = []
+    wake: list[asyncio.Future[None] | None] = [None]
+    slots = asyncio.Semaphore(workers + 2)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(chunk: list[tuple[asyncio.Future[Any], str]]) -> None:
+        try:
+            rows = await loop.run_in_executor(pools[0], prep.tokenize, [t for _, t in chunk])
+            batch = await loop.run_in_executor(pools[1], prep.collate, rows)
+            out = await loop.run_in_executor(pools[2], device, batch)
+            res = await loop.run_in_executor(pools[3], prep.split, out, batch.rows)
+            for (fut, _), r in zip(chunk, res, strict=True):
+                fut.set_result(r)
+        finally:
+            slots.release()
+
+    async def consumer() -> None:
+        while True:
+            if not pending:
+                waiter = wake[0] = loop.create_future()
+                await waiter
+                continue
+            await slots.acquire()
+            chunk = pending[:size]
+            del pending[:size]
+            task = loop.create_task(one(chunk))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def call(item: str) -> Any:
+        fut: asyncio.Future[Any] = loop.create_future()
+        pending.append((fut, item))
+        waiter = wake[0]
+        if waiter is not None:
+            wake[0] = None
+            waiter.set_result(None)
+        return await fut
+
+    task = loop.create_task(consumer())
+    try:
+        yield call
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for pool in pools:
+            pool.shutdown(wait=True)
 
 
 def _peer_opener(name: str) -> Opener:
@@ -227,6 +291,8 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
     else:
         openers.append((STAGED, _open_staged))
     openers.append((SINGLE, _open_single))
+    if a.floor:
+        openers.append((FLOOR, _open_pipeline_floor))
     for peer in filter(None, (p.strip() for p in a.peer.split(","))):
         reason = by_name(peer)[0].unavailable()
         if reason:
@@ -307,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus-size", type=int, default=2048)
     p.add_argument("--no-buckets", action="store_true", help="pad to the longest row instead")
     p.add_argument("--cold", action="store_true", help="no warm-up of the ladder's shapes")
+    p.add_argument("--floor", action="store_true",
+                   help="also run pipeline-floor: a hand-rolled staged pipeline on raw asyncio")  # fmt: skip
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
     p.add_argument("--json", type=Path, default=ROOT / "bench/results/pipeline.json")
     p.add_argument("--quiet", action="store_true")

@@ -80,12 +80,20 @@ def baselines_md(rows: list[dict[str, Any]]) -> str:
     return _table(["baseline", "sentences/s", "p50 ms", "p99 ms"], body)
 
 
+FORWARD_COLUMNS = {
+    "ratio_to_forward_sorted": "÷ forward-only (sorted)",
+    "ratio_to_forward_arrival": "÷ forward-only (arrival order)",
+}
+
+
 def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) -> str:
+    # Results written before the forward-only limit existed render as they always did.
+    fwd_keys = [k for k in FORWARD_COLUMNS if any(k in r for r in rows)]
     body = []
     for r in rows:
         head = [r["contender"], r["loop"], str(r["concurrency"])]
         if "sentences_per_s" not in r:
-            body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
+            body.append([*head, "error: " + r.get("error", ""), *[""] * (5 + len(fwd_keys))])
             continue
         arrival = r.get("ratio_to_arrival_ceiling")
         if arrival is None and arrival_ceiling:
@@ -93,6 +101,7 @@ def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) 
         body.append([
             *head, _r(r["sentences_per_s"], ".1f"), f"{r['ratio_to_ceiling']:.2f}",
             f"{arrival:.2f}" if arrival is not None else "",
+            *[f"{r[k]:.2f}" if k in r else "" for k in fwd_keys],
             f"{r['mean_batch_size']['median']:.1f}", _r(r["p50_ms"], ".0f"),
             _r(r["p99_ms"], ".0f"),
         ])  # fmt: skip
@@ -104,12 +113,38 @@ def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) 
             "sentences/s",
             "÷ ceiling (sorted)",
             "÷ ceiling (arrival order)",
+            *[FORWARD_COLUMNS[k] for k in fwd_keys],
             "mean batch",
             "p50 ms",
             "p99 ms",
         ],
         body,
     )
+
+
+def pipeline_md(res: dict[str, Any]) -> str:
+    """``bench_pipeline``: the device model's constants, then one row per contender."""
+    m = res["device_model"]
+    head = (
+        f"Simulated device: {m['a'] * 1000:.2f} ms + {m['b'] * 1e9:.0f} ns per padded token, "
+        f"+{m['new_shape'] * 1000:.1f} ms the first time a shape is seen; "
+        f"{res['args']['clients']} clients, {res['args']['requests']:,} requests, "
+        f"max_batch_size {res['spec']['max_batch_size']}, max_wait {res['spec']['max_wait']} s."
+    )
+    body = []
+    for r in res["rows"]:
+        if "rows_per_s" not in r:
+            body.append([r["contender"], "error: " + r.get("error", ""), "", "", "", "", "", ""])
+            continue
+        lat = [_r(r[k], ".1f") if k in r else "" for k in ("p50_ms", "p99_ms")]
+        body.append([
+            r["contender"], _r(r["rows_per_s"], ",.0f"), *lat, f"{r['ratio_to_limit']:.2f}",
+            f"{r['mean_batch']['median']:.1f}", f"{r['device_busy']['median']:.2f}",
+            f"{r['new_shapes']['median']:.0f}",
+        ])  # fmt: skip
+    headers = ["contender", "rows/s", "p50 ms", "p99 ms", "÷ limit", "mean batch",
+               "device busy", "new shapes"]  # fmt: skip
+    return head + "\n\n" + _table(headers, body)
 
 
 def open_md(rows: list[dict[str, Any]]) -> str:
@@ -171,6 +206,8 @@ def render(res: dict[str, Any]) -> str:
     kind = res["benchmark"]
     if kind in ("overhead", "suite") and res.get("rows" if kind == "overhead" else "overhead"):
         parts.append(overhead_md(res["rows"] if kind == "overhead" else res["overhead"]))
+    if kind == "pipeline":
+        parts.append(pipeline_md(res))
     if kind in ("model", "suite"):
         parts.append(baselines_md(res["baselines"]))
         if res.get("closed"):

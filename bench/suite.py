@@ -50,7 +50,9 @@ from ._harness import (
 )
 from ._workloads import model_open_once, run_configs
 from .bench_model import (
+    add_forward_ratios,
     add_model_args,
+    forward_limits,
     model_contenders,
     prepare_model,
     print_baselines,
@@ -224,6 +226,11 @@ def plot(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[Path]:
         ax.axhline(ceiling["arrival"], color="k", linestyle=":",
                    label="offline ceiling (arrival order)")  # fmt: skip
         ax.axhline(ceiling["sequential"], color="#888888", linestyle="-.", label="sequential")
+        if "forward_sorted" in ceiling:
+            ax.axhline(ceiling["forward_sorted"], color="#2ca02c", linestyle="--",
+                       label="forward-only limit (sorted)")  # fmt: skip
+            ax.axhline(ceiling["forward_arrival"], color="#2ca02c", linestyle=":",
+                       label="forward-only limit (arrival order)")  # fmt: skip
         ax.set_xscale("log", base=2)
         concs = sorted({r["concurrency"] for r in rows})
         ax.set_xticks(concs, [str(c) for c in concs])
@@ -301,7 +308,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
     n_closed = (n_model + int(sizes.model_uvloop)) * len(sizes.concurrencies)
     n_open = n_model * len(sizes.open_levels)  # - plain SentenceEmbedder + batchio+deadline
     n_idle = n_model * 2
-    total = sizes.repeats * (n_over + 3 + n_closed + n_open + n_idle)
+    total = sizes.repeats * (n_over + 5 + n_closed + n_open + n_idle)
     progress = Progress(total, enabled=not a.quiet, description="suite")
     info = machine_info()
     t_start = time.perf_counter()
@@ -356,6 +363,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
             "sorted": base[0]["sentences_per_s"]["median"],
             "arrival": base[1]["sentences_per_s"]["median"],
             "sequential": base[2]["sentences_per_s"]["median"],
+            **forward_limits(base),
         }
         results["ceiling"] = ceiling
         walls["model load + baselines"] = time.perf_counter() - t0
@@ -373,6 +381,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                     r["ratio_to_arrival_ceiling"] = (
                         r["sentences_per_s"]["median"] / ceiling["arrival"]
                     )
+            add_forward_ratios(closed, forward_limits(base))
             results["closed"] = closed
         else:
             results["closed"] = []

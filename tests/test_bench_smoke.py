@@ -77,6 +77,8 @@ def test_suite_tiny_end_to_end(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["machine"]["cpus"] >= 1
     assert results["ceiling"]["sorted"] > 0
+    assert results["ceiling"]["forward_sorted"] > 0
+    assert results["ceiling"]["forward_arrival"] > 0
     closed = {(r["contender"], r["concurrency"]) for r in results["closed"] if "error" not in r}
     assert closed == {
         ("batchio", 1),
@@ -84,6 +86,9 @@ def test_suite_tiny_end_to_end(tmp_path: Path) -> None:
         ("batchio.SentenceEmbedder", 1),
         ("batchio.SentenceEmbedder", 8),
     }
+    for r in results["closed"]:
+        assert r["ratio_to_forward_sorted"] > 0
+        assert r["ratio_to_forward_arrival"] > 0
     for section in ("closed", "open", "idle", "overhead"):
         assert results[section], section
         for r in results[section]:
