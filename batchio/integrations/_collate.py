@@ -21,6 +21,13 @@ from typing import Any, Final, Literal, TypeAlias
 import torch
 
 from .. import BatchioError
+from ._shapes import (
+    LengthBuckets,
+    bucket_batch_size,
+    bucket_length,
+    checked_batch_sizes,
+    checked_length_buckets,
+)
 
 __all__ = [
     "DEFAULT_LENGTH_GROUPS",
@@ -119,15 +126,29 @@ class CollatedBatch:
 
     Attributes:
         data: the stacked tensor, or the mapping of stacked tensors, to call the model with.
-        lengths: each row's real length (0 for rows with no sequence dimension).
+        lengths: each real row's length (0 for rows with no sequence dimension).
         padded_length: the sequence length every row was padded to (0 if none).
         padding_side: where the padding went.
+        padding_rows: rows of padding after the real ones, added to reach an allowed batch size
+            (``Collator(batch_sizes=...)``): pad values, attention mask all zero. Their outputs
+            are dropped before the results are split.
     """
 
     data: torch.Tensor | dict[str, torch.Tensor]
     lengths: list[int]
     padded_length: int
     padding_side: PaddingSide
+    padding_rows: int = 0
+
+    @property
+    def real_rows(self) -> int:
+        """How many rows are real (the first ``real_rows``; the rest are padding rows)."""
+        return len(self.lengths)
+
+    @property
+    def rows(self) -> int:
+        """How many rows the batch holds, padding rows included."""
+        return len(self.lengths) + self.padding_rows
 
 
 def _as_tensor(value: object, what: str) -> torch.Tensor:
@@ -178,7 +199,17 @@ class Collator:
             and ``strip_padding``). ``attention_mask`` and ``position_ids`` join it when they are
             in no group. Default: :data:`DEFAULT_LENGTH_GROUPS`.
         max_length: the most tokens a sequence key may hold; a longer row fails alone with a
-            :class:`CollationError` (it is not truncated). ``None``: no limit.
+            :class:`CollationError` (it is not truncated). ``None``: no limit. Also the most
+            tokens a bucketed length pads to.
+        length_buckets: pad each sequence key up to a bucketed length instead of exactly its
+            longest row, so a device sees few shapes: an ``int`` ``m`` (a multiple of ``m``) or
+            an increasing ladder such as ``(16, 32, 64, 128, 256, 512)`` (the next rung; above
+            the top rung, the next multiple of the ladder's last step). Never above
+            ``max_length``. ``None`` (the default): pad to the longest row.
+        batch_sizes: the allowed row counts of a collated batch, e.g. ``(1, 2, 4, 8, 16, 32)``:
+            a batch of ``n`` rows gets padding rows up to the smallest allowed size ``>= n``
+            (none above the largest). :attr:`CollatedBatch.padding_rows` counts them. ``None``
+            (the default): no padding rows.
     """
 
     padding_side: PaddingSide = "right"
@@ -187,6 +218,8 @@ class Collator:
     position_ids: str | None = None
     length_groups: Sequence[Collection[str]] = DEFAULT_LENGTH_GROUPS
     max_length: int | None = None
+    length_buckets: LengthBuckets | Sequence[int] | None = None
+    batch_sizes: Sequence[int] | None = None
     _pads: dict[str, float] = field(init=False, repr=False, compare=False)
     _groups: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False)
     _main: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -196,6 +229,8 @@ class Collator:
             raise ValueError(f'padding_side must be "left" or "right", got {self.padding_side!r}')
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}")
+        object.__setattr__(self, "length_buckets", checked_length_buckets(self.length_buckets))
+        object.__setattr__(self, "batch_sizes", checked_batch_sizes(self.batch_sizes))
         pads = {**DEFAULT_PAD_VALUES, **self.pad_values}
         for key in (self.attention_mask, self.position_ids):
             if key is not None:
@@ -300,47 +335,69 @@ class Collator:
 
     # -- the batch -------------------------------------------------------------------------------
 
+    def padded_length(self, longest: int) -> int:
+        """The length a batch whose longest row is ``longest`` tokens is padded to."""
+        return bucket_length(longest, self.length_buckets, self.max_length)  # type: ignore[arg-type]
+
+    def padded_rows(self, rows: int) -> int:
+        """The row count a batch of ``rows`` real rows is padded to."""
+        return bucket_batch_size(rows, self.batch_sizes)  # type: ignore[arg-type]
+
+    @property
+    def max_rows(self) -> int | None:
+        """The largest allowed batch size, or None without ``batch_sizes``."""
+        return None if self.batch_sizes is None else max(self.batch_sizes)
+
     def collate(self, rows: Sequence[PreparedRow], *, pin_memory: bool = False) -> CollatedBatch:
         """Pad and stack rows that share one signature into a :class:`CollatedBatch`.
 
-        Each sequence key is padded to its own longest row; ``padded_length`` is the main
-        sequence's. ``pin_memory=True`` builds the batch in page-locked memory, for a fast,
+        Each sequence key is padded to its own longest row (bucketed by ``length_buckets``);
+        ``padded_length`` is the main sequence's. With ``batch_sizes``, padding rows follow the
+        real ones. ``pin_memory=True`` builds the batch in page-locked memory, for a fast,
         asynchronous copy to a CUDA device.
         """
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
         lengths = [r.length for r in rows]
+        total = self.padded_rows(len(rows))
+        extra = total - len(rows)
         first = rows[0].data
         if isinstance(first, torch.Tensor):
-            stacked = torch.stack([r.data for r in rows])  # type: ignore[misc]
-            if pin_memory:
-                stacked = stacked.pin_memory()
-            return CollatedBatch(stacked, lengths, 0, self.padding_side)
-        longest = max(lengths)
+            stacked = _stack([r.data for r in rows], total, pin_memory)  # type: ignore[misc]
+            return CollatedBatch(stacked, lengths, 0, self.padding_side, extra)
+        longest = self.padded_length(max(lengths))
         out: dict[str, torch.Tensor] = {}
         for key in first:
             column: list[torch.Tensor] = [r.data[key] for r in rows]  # type: ignore[index]
             if key in self._pads:
-                out[key] = self._pad(column, self._pads[key], pin_memory)
+                out[key] = self._pad(column, self._pads[key], pin_memory, total)
             else:
-                stacked = torch.stack(column)
-                out[key] = stacked.pin_memory() if pin_memory else stacked
+                out[key] = _stack(column, total, pin_memory)
         has_sequences = any(key in self._pads for key in first)
         mask_key = self.attention_mask
         if has_sequences and mask_key is not None and mask_key not in out:
-            out[mask_key] = self._build_mask(lengths, longest, pin_memory)
+            out[mask_key] = self._build_mask(lengths, longest, pin_memory, total)
         pos_key = self.position_ids
         if has_sequences and pos_key is not None and pos_key not in out:
-            mask = out[mask_key] if mask_key is not None else self._build_mask(lengths, longest)
+            mask = (
+                out[mask_key]
+                if mask_key is not None
+                else self._build_mask(lengths, longest, rows=total)
+            )
             out[pos_key] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return CollatedBatch(out, lengths, longest, self.padding_side)
+        return CollatedBatch(out, lengths, longest, self.padding_side, extra)
 
-    def _pad(self, column: list[torch.Tensor], value: float, pin_memory: bool) -> torch.Tensor:
-        """Stack one sequence key's rows, each padded with ``value`` to the key's longest row."""
+    def _pad(
+        self, column: list[torch.Tensor], value: float, pin_memory: bool, rows: int
+    ) -> torch.Tensor:
+        """Stack one sequence key's rows, each padded with ``value`` to the key's padded length.
+
+        Rows past ``len(column)`` are padding rows: ``value`` throughout.
+        """
         t0 = column[0]
-        longest = max(t.shape[0] for t in column)
+        longest = self.padded_length(max(t.shape[0] for t in column))
         buf = torch.full(
-            (len(column), longest, *t0.shape[1:]),
+            (rows, longest, *t0.shape[1:]),
             value,
             dtype=t0.dtype,
             device=t0.device,
@@ -356,15 +413,27 @@ class Collator:
         return buf
 
     def _build_mask(
-        self, lengths: list[int], longest: int, pin_memory: bool = False
+        self, lengths: list[int], longest: int, pin_memory: bool = False, rows: int | None = None
     ) -> torch.Tensor:
-        mask = torch.zeros((len(lengths), longest), dtype=torch.long, pin_memory=pin_memory)
+        n = len(lengths) if rows is None else rows
+        mask = torch.zeros((n, longest), dtype=torch.long, pin_memory=pin_memory)
         for i, k in enumerate(lengths):
             if self.padding_side == "right":
                 mask[i, :k] = 1
             else:
                 mask[i, longest - k :] = 1
         return mask
+
+
+def _stack(column: list[torch.Tensor], rows: int, pin_memory: bool) -> torch.Tensor:
+    """Stack same-shaped tensors; rows past ``len(column)`` (padding rows) are zeros."""
+    if rows == len(column):
+        stacked = torch.stack(column)
+        return stacked.pin_memory() if pin_memory else stacked
+    t0 = column[0]
+    buf = torch.zeros((rows, *t0.shape), dtype=t0.dtype, device=t0.device, pin_memory=pin_memory)
+    torch.stack(column, out=buf[: len(column)])
+    return buf
 
 
 def _checked_groups(

@@ -19,10 +19,10 @@ import torch
 from ._collate import CollatedBatch, Collator, PreparedRow, Signature
 from ._device import Placement
 from ._isolate import run_isolating
-from ._microbatch import plan_micro_batches
-from ._split import split_output
+from ._shapes import plan_shaped_micro_batches
+from ._split import split_output, tree_map
 
-__all__ = ["BatchForward", "Postprocess"]
+__all__ = ["BatchForward", "Postprocess", "drop_padding_rows"]
 
 Postprocess: TypeAlias = Callable[[Any, CollatedBatch], Any]
 """``postprocess(model_output, batch) -> output``: runs on the device, before outputs are split."""
@@ -107,11 +107,28 @@ class BatchForward:
 
         for indices in by_signature.values():
             lengths = [prepared[i].length for i in indices]
-            for group in plan_micro_batches(lengths, self.max_batch_tokens):
+            for group in self.plan(lengths):
                 members = [indices[j] for j in group]
                 for i, out in zip(members, run_isolating(run, members), strict=True):
                     results[i] = out
         return results
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Micro-batches (lists of indices into ``lengths``) for rows of one signature.
+
+        Length-sorted under ``max_batch_tokens``, each costed at its padded shape (the
+        collator's ``length_buckets`` and ``batch_sizes``) and no larger than its largest
+        allowed batch size.
+        """
+        c = self.collator
+        shaped = c.length_buckets is not None or c.batch_sizes is not None
+        return plan_shaped_micro_batches(
+            lengths,
+            self.max_batch_tokens,
+            padded_length=c.padded_length if shaped else None,
+            padded_rows=c.padded_rows if shaped else None,
+            max_rows=c.max_rows,
+        )
 
     def run_micro_batch(self, rows: Sequence[PreparedRow]) -> list[Any]:
         """Collate rows that share a signature, run one forward pass, and split its output."""
@@ -125,13 +142,29 @@ class BatchForward:
                 output = self.postprocess(output, on_device)
             output = placement.to_output(output)
         return split_output(
-            output,
+            drop_padding_rows(output, batch),
             len(rows),
             lengths=batch.lengths,
             padded_length=batch.padded_length,
             padding_side=batch.padding_side,
             strip_padding=self.strip_padding,
         )
+
+
+def drop_padding_rows(output: Any, batch: CollatedBatch) -> Any:
+    """``output`` without the rows that belong to ``batch``'s padding rows.
+
+    Only tensors with one row per batch row are cut; anything else is left for
+    :func:`split_output` to judge (a tensor of another row count is a size mismatch there).
+    """
+    if not batch.padding_rows:
+        return output
+    total, real = batch.rows, batch.real_rows
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:real] if t.ndim and t.shape[0] == total else t
+
+    return tree_map(cut, output)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device | None:
