@@ -13,6 +13,8 @@ from ._batcher import SyncBatchFn as SyncBatchFn
 from ._decorator import BatchedFunction as BatchedFunction
 from ._decorator import BatchedMethod as BatchedMethod
 from ._decorator import batch as batch
+from ._devexec import DeviceExecutor as DeviceExecutor
+from ._devexec import Share as Share
 from ._exceptions import BatcherBrokenError as BatcherBrokenError
 from ._exceptions import BatcherClosedError as BatcherClosedError
 from ._exceptions import BatcherLoopError as BatcherLoopError
@@ -33,8 +35,10 @@ from ._policy import Dispatch as Dispatch
 from ._policy import MaxSizeOrWait as MaxSizeOrWait
 from ._policy import QueueState as QueueState
 from ._policy import Wait as Wait
+from ._stages import Stages as Stages
 from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles
+from ._stats import StageStatistics as StageStatistics
 
 try:
     __version__ = _version("batchio")
@@ -60,12 +64,16 @@ __all__ = (
     "BatcherStatistics",
     "BatchioError",
     "DefaultTimeout",
+    "DeviceExecutor",
     "Dispatch",
     "MaxSizeOrWait",
     "Percentiles",
     "QueueFullError",
     "QueueState",
     "RequestTimeoutError",
+    "Share",
+    "StageStatistics",
+    "Stages",
     "SyncBatchFn",
     "TimeoutArg",
     "Wait",

@@ -27,10 +27,13 @@ from ._exceptions import (
 )
 from ._options import DEFAULT, BatcherOptions, BatcherOptionsKw, TimeoutArg, options_from
 from ._outcomes import Outcomes
+from ._outputs import output_rows
 from ._policy import Dispatch, QueueState, Wait
 from ._request import FUT, QUEUED, Batch, Entry, Request
 from ._room import WaitingRoom
-from ._stats import STALLED, BatcherStatistics, Tally
+from ._stages import STALLED, Pipeline, Stages, StageWork
+from ._stats import STALLED as STALLED_COUNT
+from ._stats import BatcherStatistics, Tally
 from ._worker import Job, WorkerThreads, call_async, call_sync, is_async_callable
 
 __all__ = ["AsyncBatchFn", "Batcher", "SyncBatchFn"]
@@ -88,6 +91,7 @@ class Batcher(Generic[InT, OutT]):
         "_broken",
         "_clock",
         "_closed",
+        "_concurrency",
         "_executor_task",
         "_fn",
         "_in_flight",
@@ -97,9 +101,11 @@ class Batcher(Generic[InT, OutT]):
         "_open_loop",
         "_options",
         "_outcomes",
+        "_pipeline",
         "_policy",
         "_room",
         "_running",
+        "_stages",
         "_tally",
         "_threads",
         "_timeout",
@@ -108,19 +114,25 @@ class Batcher(Generic[InT, OutT]):
 
     def __init__(
         self,
-        fn: SyncBatchFn[InT, OutT] | AsyncBatchFn[InT, OutT],
+        fn: SyncBatchFn[InT, OutT] | AsyncBatchFn[InT, OutT] | Stages[InT, OutT],
         *,
         options: BatcherOptions | None = None,
         **kwargs: Unpack[BatcherOptionsKw],
     ) -> None:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {fn!r}")
+        stages = fn if isinstance(fn, Stages) else None
+        if stages is None and not callable(fn):
+            raise TypeError(f"fn must be callable or a batchio.Stages, got {fn!r}")
         opts = self._options = options_from(options, kwargs)
-        self._fn = fn
-        self._is_async = is_async_callable(fn)
+        default_concurrency = 1 if stages is None else stages.depth
+        self._concurrency: int = opts.max_concurrent_batches or default_concurrency
+        self._stages = stages
+        self._pipeline: Pipeline | None = None
+        self._fn: Any = fn if stages is not None else _with_padding(fn, opts)
+        self._is_async = stages is None and is_async_callable(fn)
         self._policy = opts.make_policy()
         self._timeout = opts.timeout
-        self._name: str = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
+        named = stages.run if stages is not None else fn
+        self._name: str = opts.name or getattr(named, "__qualname__", None) or type(named).__name__
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = time.monotonic
         # The loop while the batcher accepts requests; None before start, once closed or broken.
@@ -178,9 +190,12 @@ class Batcher(Generic[InT, OutT]):
         # a test's fake one patched onto the loop) is followed as it is.
         own_clock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
         self._clock = time.monotonic if own_clock else loop.time
-        if not self._is_async:
-            threads = self._options.max_concurrent_batches
-            self._threads = WorkerThreads(threads, f"batchio-{self._name}")
+        if self._stages is not None:
+            self._pipeline = Pipeline(
+                self._stages, self._name, self._outcomes, self._options.padded_size
+            )
+        elif not self._is_async:
+            self._threads = WorkerThreads(self._concurrency, f"batchio-{self._name}")
         self._executor_task = task = loop.create_task(
             self._executor(), name=f"batchio-executor-{self._name}"
         )
@@ -291,8 +306,9 @@ class Batcher(Generic[InT, OutT]):
         tasks = list(self._running)
         for task, batch in self._running.items():
             self._outcomes.fail_batch(batch, exc)
-            if batch.job is not None and self._threads is not None:
-                self._threads.abandon(batch.job, replace=False)
+            if batch.job is not None and batch.pool is not None:
+                # A shared device serves other batchers: its thread is replaced, not given up.
+                batch.pool.abandon(batch.job, replace=batch.shared)
             task.cancel()
         self._wake()
         if tasks:  # let the cancellations land; a function that ignores them is left behind
@@ -312,21 +328,20 @@ class Batcher(Generic[InT, OutT]):
             self._broken = RuntimeError(f"the event loop {loop!r} was closed")
         self._closed = True
         self._open_loop = None
+        self._shutdown_workers()
+
+    def _shutdown_workers(self) -> None:
         if self._threads is not None:
             self._threads.shutdown()
             self._threads = None
+        if self._pipeline is not None:
+            self._pipeline.shutdown()
 
     def _release_threads(self) -> None:
         """Let the worker threads exit once closed and nothing can use them any more."""
         task = self._executor_task
-        if (
-            self._threads is not None
-            and self._closed
-            and not self._running
-            and (task is None or task.done())
-        ):
-            self._threads.shutdown()
-            self._threads = None
+        if self._closed and not self._running and (task is None or task.done()):
+            self._shutdown_workers()
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -487,7 +502,7 @@ class Batcher(Generic[InT, OutT]):
         room = self._room
         decide = self._policy.decide
         max_queue = self._options.max_queue_size
-        concurrency = self._options.max_concurrent_batches
+        concurrency = self._concurrency
         clock = self._clock
         while True:
             if room.parked_rows:
@@ -590,11 +605,13 @@ class Batcher(Generic[InT, OutT]):
         limit = self._options.batch_time_limit
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         delivered = False
-        outcomes: list[Any] | None
+        outcomes: Any
         try:
             try:
-                if self._is_async:
-                    work = call_async(self._fn, batch.inputs, isolate)  # type: ignore[arg-type]
+                if self._pipeline is not None:
+                    outcomes = await self._pipeline.run(batch, self._stage_job, isolate)
+                elif self._is_async:
+                    work = call_async(self._fn, batch.inputs, isolate)
                     if limit is None:
                         outcomes = await work
                     else:
@@ -604,10 +621,11 @@ class Batcher(Generic[InT, OutT]):
                     job = batch.job = threads.run(
                         functools.partial(call_sync, self._fn, isolate=isolate), batch.inputs
                     )
+                    batch.pool = threads
                     if limit is None:
                         outcomes = await job.future
                     else:
-                        outcomes = await self._within_limit(batch, job, limit)
+                        outcomes = await self._within_limit(batch, job, limit, threads)
             except Exception as exc:
                 self._outcomes.fail_batch(batch, exc)
             except BaseException as exc:
@@ -623,14 +641,14 @@ class Batcher(Generic[InT, OutT]):
                 err.__cause__ = exc
                 self._outcomes.fail_batch(batch, err)
             else:
-                if outcomes is not None:  # None: the batch stalled and was failed already
+                if outcomes is not STALLED:  # a stalled batch was failed already
                     self._outcomes.deliver(batch, outcomes)
             delivered = True
         except _PROPAGATE as exc:
             self._break(exc)
             raise
         finally:
-            batch.job = None
+            batch.job = batch.pool = None
             self._tally.batch_ran(n, self._clock() - dispatched_at)
             if not delivered:
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
@@ -638,11 +656,33 @@ class Batcher(Generic[InT, OutT]):
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
                 self._outcomes.fail_batch(batch, broken)
 
+    async def _stage_job(
+        self, work: StageWork, fn: Callable[[Any], Any], arg: Any, batch: Batch
+    ) -> Any:
+        """Run one stage's job for ``batch``: its result, or ``STALLED`` past the time limit."""
+        job = batch.job = work.run(fn, arg)
+        pool = batch.pool = work.threads
+        batch.shared = work.shared
+        limit = self._options.batch_time_limit
+        try:
+            if limit is None:
+                result = await job.future
+            else:
+                result = await self._within_limit(batch, job, limit, pool)
+        finally:
+            batch.job = batch.pool = None
+        work.record(job)
+        return result
+
     async def _within_limit(
-        self, batch: Batch, work: Job | asyncio.Task[list[Any]], limit: float
-    ) -> list[Any] | None:
+        self,
+        batch: Batch,
+        work: Job | asyncio.Task[list[Any]],
+        limit: float,
+        pool: WorkerThreads | None = None,
+    ) -> Any:
         """Await ``work`` for at most ``limit`` seconds; past it, fail the batch as stalled,
-        abandon the work, and return None."""
+        abandon the work, and return ``STALLED``."""
         fut = work.future if isinstance(work, Job) else work
         try:
             done, _ = await asyncio.wait([fut], timeout=limit)
@@ -654,18 +694,18 @@ class Batcher(Generic[InT, OutT]):
             raise
         if done:
             return fut.result()
-        self._tally.counts[STALLED] += 1
+        self._tally.counts[STALLED_COUNT] += 1
         _log.warning("batchio batch of %r stalled (batch_time_limit=%g s)", self, limit)
         self._outcomes.fail_batch(batch, BatchStalledError(limit))
         if isinstance(work, Job):
-            cast(WorkerThreads, self._threads).abandon(work)
+            cast(WorkerThreads, pool).abandon(work)
             fut.cancel()
         else:
             work.cancel()  # an async fn that ignores it keeps running, detached from the batch
             self._abandoned_tasks.add(work)
             work.add_done_callback(self._abandoned_tasks.discard)
             work.add_done_callback(_consume)
-        return None
+        return STALLED
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -677,10 +717,40 @@ class Batcher(Generic[InT, OutT]):
         pending`` with ``pending >= 0``, even when taken during a burst.
         """
         threads = self._threads
+        pipeline = self._pipeline
+        stages, busy = pipeline.statistics() if pipeline is not None else ((), None)
         return self._tally.snapshot(
             queue_depth=self._room.depth,
             in_flight=self._in_flight,
             healthy=self._broken is None,
             closed=self._closed,
             abandoned_workers=threads.abandoned if threads is not None else 0,
+            stages=stages,
+            device_busy_fraction=busy,
         )
+
+
+def _with_padding(fn: Any, options: BatcherOptions) -> Any:
+    """``fn``, or, with ``allowed_batch_sizes``, ``fn`` called on batches padded up to them."""
+    if options.allowed_batch_sizes is None:
+        return fn
+    size_for = options.padded_size
+
+    def pad(inputs: list[Any]) -> tuple[list[Any], int]:
+        n = len(inputs)
+        size = size_for(n)
+        return (inputs + [inputs[-1]] * (size - n) if size > n else inputs), size
+
+    if is_async_callable(fn):
+
+        async def padded_async(inputs: list[Any]) -> list[Any]:
+            batch, size = pad(inputs)
+            return output_rows(await fn(batch), size)[: len(inputs)]
+
+        return padded_async
+
+    def padded(inputs: list[Any]) -> list[Any]:
+        batch, size = pad(inputs)
+        return output_rows(fn(batch), size)[: len(inputs)]
+
+    return padded

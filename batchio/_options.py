@@ -9,8 +9,9 @@ Unpack[BatcherOptionsKw]``), so type checkers see each name and type; a test kee
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias, TypedDict, final
+from typing import Final, Literal, TypeAlias, TypedDict, cast, final
 
 from ._checks import check_int, check_seconds
 from ._policy import BatchPolicy, MaxSizeOrWait
@@ -44,7 +45,8 @@ class BatcherOptionsKw(TypedDict, total=False):
 
     max_batch_size: int
     max_wait: float
-    max_concurrent_batches: int
+    max_concurrent_batches: int | None
+    allowed_batch_sizes: Sequence[int] | None
     max_queue_size: int | None
     when_full: Literal["reject", "wait"]
     timeout: float | None
@@ -63,7 +65,15 @@ class BatcherOptions:
         max_wait: seconds the oldest queued request may wait for a batch to fill before a partial
             batch is dispatched (finite, >= 0; ``0`` dispatches whenever a batch slot is free).
         max_concurrent_batches: batches that may run at once, and worker threads for a sync
-            ``fn`` (an ``int`` >= 1).
+            ``fn`` (an ``int`` >= 1). ``None`` (the default): 1 for a batch function, and the
+            pipeline depth (``prepare_workers + 3``) for :class:`~batchio.Stages`.
+        allowed_batch_sizes: the only batch sizes ``fn`` (or the stages) may see, in rows, e.g.
+            ``(8, 16, 32, 64)``: a batch is padded up to the next allowed size by repeating its
+            last row, and the padding rows' results are dropped (they never reach a caller).
+            A fixed set of shapes spares an accelerator a slow first run (compilation, kernel
+            selection, CUDA graph capture) at every new size. The largest must equal
+            ``max_batch_size``. Stored as a sorted tuple. ``None``: batches run at their own
+            size.
         max_queue_size: the most rows that may wait in the queue; ``None`` for no bound.
         when_full: what a call does when the queue is full: ``"reject"`` raises
             :class:`~batchio.QueueFullError` at once, ``"wait"`` waits (FIFO) for room, within
@@ -83,7 +93,8 @@ class BatcherOptions:
 
     max_batch_size: int = 32
     max_wait: float = 0.005
-    max_concurrent_batches: int = 1
+    max_concurrent_batches: int | None = None
+    allowed_batch_sizes: Sequence[int] | None = None
     max_queue_size: int | None = None
     when_full: Literal["reject", "wait"] = "reject"
     timeout: float | None = None
@@ -99,7 +110,9 @@ class BatcherOptions:
         fix(
             self,
             "max_concurrent_batches",
-            check_int("max_concurrent_batches", self.max_concurrent_batches, minimum=1),
+            check_int(
+                "max_concurrent_batches", self.max_concurrent_batches, minimum=1, allow_none=True
+            ),
         )
         fix(
             self,
@@ -123,6 +136,32 @@ class BatcherOptions:
             )
         if self.name is not None and not isinstance(self.name, str):
             raise TypeError(f"name must be a str or None, got {self.name!r}")
+        if self.allowed_batch_sizes is not None:
+            fix(self, "allowed_batch_sizes", self._checked_sizes(self.allowed_batch_sizes))
+
+    def _checked_sizes(self, sizes: object) -> tuple[int, ...]:
+        if isinstance(sizes, str | bytes) or not hasattr(sizes, "__iter__"):
+            raise TypeError(f"allowed_batch_sizes must be a sequence of ints, got {sizes!r}")
+        checked = sorted({check_int("allowed_batch_sizes", n, minimum=1) for n in sizes})  # type: ignore[type-var]
+        if not checked:
+            raise ValueError("allowed_batch_sizes must hold at least one size, or be None")
+        limit = self.make_policy().max_batch_size
+        if checked[-1] != limit:
+            raise ValueError(
+                f"the largest of allowed_batch_sizes ({checked[-1]}) must equal max_batch_size "
+                f"({limit}): set max_batch_size={checked[-1]}, or allow {limit}"
+            )
+        return tuple(cast(list[int], checked))
+
+    def padded_size(self, rows: int) -> int:
+        """The size a batch of ``rows`` rows runs at: the next allowed size (or ``rows``)."""
+        sizes = self.allowed_batch_sizes
+        if sizes is None:
+            return rows
+        for size in sizes:
+            if size >= rows:
+                return size
+        return rows  # a custom policy's oversized batch runs as it is
 
     def replace(self, **changes: object) -> BatcherOptions:
         """A copy with ``changes`` applied (validated like the constructor)."""

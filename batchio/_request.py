@@ -128,11 +128,23 @@ class Batch:
     is true and ``owners`` lines up with ``inputs`` one to one: the fast path.
     """
 
-    __slots__ = ("counts", "inputs", "job", "offsets", "owners", "settled", "simple")
+    __slots__ = (
+        "counts",
+        "inputs",
+        "job",
+        "offsets",
+        "owners",
+        "pool",
+        "settled",
+        "shared",
+        "simple",
+    )
 
     def __init__(self) -> None:
         self.settled = False  # its requests have been delivered to, or failed, once
-        self.job: Any = None  # the worker job running it (a sync fn), once started
+        self.job: Any = None  # the worker job running it (a sync fn, or a stage), once started
+        self.pool: Any = None  # the WorkerThreads running `job`
+        self.shared = False  # `pool` is a shared device's: abandoning a job must replace its thread
         self.inputs: list[Any] = []
         self.owners: list[Owner] = []
         self.counts: list[int] = []

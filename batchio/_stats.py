@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-__all__ = ["BatcherStatistics", "Percentiles"]
+__all__ = ["BatcherStatistics", "Percentiles", "StageStatistics"]
 
 # Percentiles are computed over the most recent samples only, so a long-running server reports
 # current behaviour and memory stays bounded.
@@ -37,6 +37,32 @@ class Percentiles:
             return ordered[min(n - 1, max(0, int(q * n + 0.5) - 1))]
 
         return cls(n, rank(0.50), rank(0.90), rank(0.99), ordered[-1], sum(ordered) / n)
+
+
+@dataclass(frozen=True, slots=True)
+class StageStatistics:
+    """One stage of a staged batcher (see :class:`~batchio.Stages`), in a statistics snapshot.
+
+    Compare the stages' ``busy_seconds`` (or ``run.mean`` times ``jobs``) to see which one is
+    the bottleneck: the stage whose workers are busy all the time sets the throughput, and jobs
+    pile up in the queue in front of it (``queue_depth``).
+
+    Attributes:
+        name: ``"prepare"``, ``"assemble"``, ``"device"`` or ``"finish"``.
+        workers: threads serving the stage (the device's is shared when a
+            :class:`~batchio.DeviceExecutor` is).
+        jobs: jobs (batches, or halves of a failing batch) this stage has completed.
+        busy_seconds: seconds this batcher's jobs spent running in the stage.
+        queue_depth: this batcher's jobs waiting for a worker of the stage now.
+        run: how long each job took.
+    """
+
+    name: str
+    workers: int
+    jobs: int
+    busy_seconds: float
+    queue_depth: int
+    run: Percentiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +96,11 @@ class BatcherStatistics:
             yet (each was replaced, so the batcher keeps its capacity).
         healthy: False once the executor has died (see ``BatcherBrokenError``).
         closed: the batcher no longer accepts requests.
+        stages: one entry per stage of a staged batcher, in pipeline order; empty for a batch
+            function.
+        device_busy_fraction: for a staged batcher, the share of wall time its device thread
+            (shared or not) has been working since it started; ``None`` otherwise. A value near
+            1.0 means the device is the bottleneck, as it should be.
     """
 
     submitted: int
@@ -90,6 +121,8 @@ class BatcherStatistics:
     abandoned_workers: int
     healthy: bool
     closed: bool
+    stages: tuple[StageStatistics, ...] = ()
+    device_busy_fraction: float | None = None
 
     @property
     def mean_batch_size(self) -> float:
@@ -142,6 +175,8 @@ class Tally:
         healthy: bool,
         closed: bool,
         abandoned_workers: int = 0,
+        stages: tuple[StageStatistics, ...] = (),
+        device_busy_fraction: float | None = None,
     ) -> BatcherStatistics:
         """A frozen, self-consistent copy, safe to take from any thread."""
         c = self.counts.copy()
@@ -168,4 +203,6 @@ class Tally:
             abandoned_workers=abandoned_workers,
             healthy=healthy,
             closed=closed,
+            stages=stages,
+            device_busy_fraction=device_busy_fraction,
         )

@@ -17,9 +17,10 @@ import asyncio
 import inspect
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ._exceptions import BatchOutputError, BatchSizeMismatchError
 from ._outcomes import holdable
@@ -28,7 +29,7 @@ from ._outputs import output_rows
 __all__: list[str] = []
 
 # Errors about what fn returned, not about any input: bisecting would only repeat them.
-_CONTRACT_ERRORS = (BatchOutputError, BatchSizeMismatchError)
+CONTRACT_ERRORS = (BatchOutputError, BatchSizeMismatchError)
 
 
 def is_async_callable(fn: object) -> bool:
@@ -48,7 +49,7 @@ def call_sync(fn: Callable[[list[Any]], Any], inputs: list[Any], isolate: bool) 
         return output_rows(fn(inputs), len(inputs))
     try:
         return output_rows(fn(list(inputs)), len(inputs))  # a copy: fn may mutate its list
-    except _CONTRACT_ERRORS:
+    except CONTRACT_ERRORS:
         raise
     except Exception as exc:
         if len(inputs) == 1:
@@ -65,7 +66,7 @@ async def call_async(
         return output_rows(await fn(inputs), len(inputs))
     try:
         return output_rows(await fn(list(inputs)), len(inputs))
-    except _CONTRACT_ERRORS:
+    except CONTRACT_ERRORS:
         raise
     except Exception as exc:
         if len(inputs) == 1:
@@ -76,17 +77,66 @@ async def call_async(
 
 
 class Job:
-    """One call of a function on a worker thread; ``future`` completes on the caller's loop."""
+    """One call of a function on a worker thread; ``future`` completes on the caller's loop.
 
-    __slots__ = ("abandoned", "arg", "finished", "fn", "future", "loop")
+    ``lane`` says whose job it is on a shared queue (see :mod:`batchio._devexec`); ``elapsed`` is
+    the seconds the call took, set on the worker thread before ``future`` completes.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], Any], arg: Any) -> None:
+    __slots__ = ("abandoned", "arg", "elapsed", "finished", "fn", "future", "lane", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        lane: Any = None,
+    ) -> None:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
         self.fn: Callable[[Any], Any] | None = fn
         self.arg = arg
+        self.lane = lane
+        self.elapsed = 0.0
         self.abandoned = False
         self.finished = False
+
+
+class JobQueue(Protocol):
+    """Where worker threads take their jobs from: FIFO by default, fair for a shared device.
+
+    ``None`` is the stop signal: :meth:`get` returns it once per :meth:`put` of ``None``, after
+    the jobs already queued. :meth:`charge` is told what each job cost once it has run.
+    """
+
+    def put(self, job: Job | None) -> None: ...
+
+    def get(self) -> Job | None: ...
+
+    def qsize(self) -> int: ...
+
+    def charge(self, job: Job, elapsed: float) -> None: ...
+
+
+class FifoQueue:
+    """The plain job queue: first come, first served."""
+
+    __slots__ = ("_q",)
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+
+    def put(self, job: Job | None) -> None:
+        self._q.put(job)
+
+    def get(self) -> Job | None:
+        return self._q.get()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    def charge(self, job: Job, elapsed: float) -> None:
+        pass
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -102,30 +152,41 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 class _Shared:
     """What the threads share with their owner (not the owner itself, so it can be collected)."""
 
-    __slots__ = ("abandoned", "count", "jobs", "lock")
+    __slots__ = ("abandoned", "busy", "count", "jobs", "lock", "running")
 
-    def __init__(self, count: int) -> None:
-        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+    def __init__(self, count: int, jobs: JobQueue) -> None:
+        self.jobs = jobs
         self.lock = threading.Lock()
         self.count = count  # threads that take jobs (abandoned ones excluded)
         self.abandoned = 0  # abandoned threads that have not returned yet
+        self.busy = 0.0  # seconds spent in jobs that finished, over all threads
+        self.running: dict[int, float] = {}  # thread id -> when its current job started
 
 
 def _work(shared: _Shared) -> None:
     jobs = shared.jobs
+    clock = time.perf_counter
+    me = threading.get_ident()
     while (job := jobs.get()) is not None:
         fn, arg = job.fn, job.arg
         job.fn = job.arg = None
+        started = clock()
+        with shared.lock:
+            shared.running[me] = started
         try:
             outcome: tuple[bool, Any] = (True, fn(arg))  # type: ignore[misc]
         except BaseException as exc:  # delivered to the batch, which decides what to catch
             outcome = (False, holdable(exc))
         del fn, arg  # drop the batch's inputs before waiting for the next job
+        elapsed = job.elapsed = clock() - started
         with shared.lock:  # decided once: either abandoned, or finished in time
+            shared.running.pop(me, None)
+            shared.busy += elapsed
             if job.abandoned:
                 shared.abandoned -= 1
                 return  # a replacement took this thread's place
             job.finished = True
+        jobs.charge(job, elapsed)
         try:
             job.loop.call_soon_threadsafe(_settle, job.future, *outcome)
         except RuntimeError:  # the loop was closed meanwhile: nobody is waiting
@@ -143,8 +204,8 @@ class WorkerThreads:
 
     __slots__ = ("__weakref__", "_name", "_serial", "_shared")
 
-    def __init__(self, count: int, name: str) -> None:
-        self._shared = _Shared(count)
+    def __init__(self, count: int, name: str, jobs: JobQueue | None = None) -> None:
+        self._shared = _Shared(count, jobs if jobs is not None else FifoQueue())
         self._name = name
         self._serial = 0
         for _ in range(count):
@@ -157,14 +218,31 @@ class WorkerThreads:
         """Abandoned threads still stuck in their job."""
         return self._shared.abandoned
 
+    @property
+    def workers(self) -> int:
+        """Threads that take jobs (abandoned ones not counted)."""
+        return self._shared.count
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for a thread."""
+        return self._shared.jobs.qsize()
+
+    def busy_seconds(self) -> float:
+        """Seconds the threads have spent in jobs so far, the jobs still running included."""
+        shared = self._shared
+        now = time.perf_counter()
+        with shared.lock:
+            return shared.busy + sum(now - t for t in shared.running.values())
+
     def _spawn(self) -> None:
         name = f"{self._name}-{self._serial}"
         self._serial += 1
         threading.Thread(target=_work, args=(self._shared,), name=name, daemon=True).start()
 
-    def run(self, fn: Callable[[Any], Any], arg: Any) -> Job:
+    def run(self, fn: Callable[[Any], Any], arg: Any, lane: Any = None) -> Job:
         """Run ``fn(arg)`` on a worker thread; await the returned job's ``future``."""
-        job = Job(asyncio.get_running_loop(), fn, arg)
+        job = Job(asyncio.get_running_loop(), fn, arg, lane)
         self._shared.jobs.put(job)
         return job
 

@@ -26,6 +26,7 @@ from batchio import (
     BatchOutputError,
     BatchStalledError,
     RequestTimeoutError,
+    Stages,
 )
 
 try:
@@ -154,6 +155,7 @@ async def run_scenario(
     use_async: bool,
     hazards: Hazards = Hazards(),
     close_after: int = 3,
+    staged: bool = False,
 ) -> None:
     seen: Counter[int] = Counter()
     plain_fn = outcome_fn(seen)
@@ -176,7 +178,25 @@ async def run_scenario(
             await release_async.wait()
         return sync_fn(xs)
 
+    def prepare(xs: list[int]) -> list[Any]:
+        return [SlotError(x) if x % SLOT_POISON == 0 else x for x in xs]
+
+    def device(xs: list[int]) -> list[int]:
+        if stalls(xs):
+            release_sync.wait(20)
+        seen.update(xs)
+        if any(x % BATCH_POISON == 0 for x in xs):
+            raise BatchError(f"poison in {xs}")
+        return xs
+
+    def finish(xs: list[int]) -> Any:
+        if hazards.bad_outputs and any(x % OUTPUT_POISON == 0 for x in xs):
+            return set(xs)
+        return [expected(x) for x in xs]
+
     fn: Any = async_fn if use_async else sync_fn
+    if staged:  # the same faults, each at its stage: slots at prepare, the batch on the device
+        fn = Stages(prepare=prepare, assemble=list, run=device, finish=finish)
     try:
         async with Batcher(
             fn,
@@ -236,7 +256,7 @@ asks_strategy = st.lists(
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS, ids=LOOP_IDS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     asks=asks_strategy,
     max_batch_size=st.integers(1, 8),
@@ -246,6 +266,7 @@ asks_strategy = st.lists(
     use_async=st.booleans(),
     hazards=st.builds(Hazards, st.booleans(), st.booleans(), st.booleans()),
     close_after=st.integers(0, 8),
+    staged=st.booleans(),
 )
 def test_every_request_resolves_exactly_once_with_its_own_outcome(
     loop_factory: Any,
@@ -257,10 +278,11 @@ def test_every_request_resolves_exactly_once_with_its_own_outcome(
     use_async: bool,
     hazards: Hazards,
     close_after: int,
+    staged: bool,
 ) -> None:
     """Random requests (coroutine and _nowait calls, maps, cancellations, deadlines) against
     random options, with stalled batches (batch_time_limit), bad outputs and a bounded close
-    thrown in."""
+    thrown in; through a batch function or through stages."""
     scenario = run_scenario(
         asks,
         max_batch_size=max_batch_size,
@@ -270,6 +292,7 @@ def test_every_request_resolves_exactly_once_with_its_own_outcome(
         use_async=use_async,
         hazards=hazards,
         close_after=close_after,
+        staged=staged,
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         # A hang must fail this example fast (hypothesis re-runs failing examples to shrink them,
