@@ -35,7 +35,9 @@ DEVICE: Final = "device"
 FINISH: Final = "finish"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# Not slotted: `Stages[int, str](...)` records its type arguments on the instance, which a frozen
+# slotted dataclass refuses with a TypeError (a frozen one's AttributeError is tolerated).
+@dataclass(frozen=True, kw_only=True)
 class Stages(Generic[InT, OutT]):
     """A batch function split into stages that run on different workers and overlap.
 
