@@ -207,7 +207,15 @@ job's result or :data:`STALLED` (the batcher applies ``batch_time_limit`` and th
 class Pipeline:
     """The workers of one staged batcher, and the walk of one batch through its stages."""
 
-    __slots__ = ("_device", "_own_device", "_padded_size", "_works", "outcomes", "stages")
+    __slots__ = (
+        "_closed",
+        "_device",
+        "_own_device",
+        "_padded_size",
+        "_works",
+        "outcomes",
+        "stages",
+    )
 
     def __init__(
         self,
@@ -219,6 +227,7 @@ class Pipeline:
         self.stages = stages
         self.outcomes = outcomes
         self._padded_size = padded_size
+        self._closed = False
         self._own_device = stages.device is None
         device = self._device = (
             DeviceExecutor(f"{name}-device") if stages.device is None else stages.device
@@ -240,7 +249,10 @@ class Pipeline:
         self._works = works
 
     def shutdown(self) -> None:
-        """Let every thread of this batcher's own go (a shared device stays open)."""
+        """Let every thread of this batcher's own go (a shared device stays open); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for work in self._works.values():
             if not work.shared:
                 work.shutdown()
