@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -104,7 +105,7 @@ async def _open_staged(s: Setup, device: SimulatedDevice) -> AsyncIterator[Call]
     kw: dict[str, Any] = {}
     if s.prepare_workers is not None:
         kw["prepare_workers"] = s.prepare_workers
-    stages = batchio.Stages(  # type: ignore[attr-defined, unused-ignore]
+    stages = batchio.Stages(
         prepare=prep.tokenize, assemble=prep.collate, run=run, finish=finish, **kw
     )
     batcher = batchio.Batcher(
@@ -318,6 +319,7 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
         if "rows_per_s" in r:
             r["ratio_to_limit"] = r["rows_per_s"]["median"] / limit_rate
     model_d = asdict(model)
+    info["loadavg_at_end"] = os.getloadavg()
     return {
         "benchmark": "pipeline", "machine": info, "spec": asdict(spec), "args": vars(a),
         "device_model": model_d, "rows_ladder": prep.rows_ladder,
