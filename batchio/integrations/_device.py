@@ -2,9 +2,13 @@
 
 On a CUDA device the batch is collated in pinned memory and copied with ``non_blocking=True`` on a
 CUDA stream the worker owns, the forward pass is queued on that stream, and outputs are copied back
-the same way; the worker waits for its stream once per micro-batch, so results are complete when it
-returns them. Owning a stream keeps this model's copies and kernels off the default stream, where
-other models or the application may be working.
+the same way. The plain worker waits for its stream once per micro-batch; the staged one records a
+CUDA event after the copies and returns, and its finishing thread waits on that event (not on the
+stream, which by then holds the next batch's work). Owning a stream keeps this model's copies and
+kernels off the default stream, where other models or the application may be working.
+
+This module also holds the device-derived defaults of the model wrappers
+(:func:`device_defaults`) and the ``dtype`` option (:func:`checked_dtype`).
 """
 
 from __future__ import annotations
@@ -12,13 +16,113 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
 
 import torch
 
+from ._shapes import LengthBuckets
 from ._split import tree_map
 
-__all__ = ["Placement"]
+__all__ = [
+    "CUDA_LENGTH_LADDER",
+    "DTypeArg",
+    "DeviceDefaults",
+    "Placement",
+    "checked_dtype",
+    "cuda_batch_sizes",
+    "device_defaults",
+]
+
+DTypeArg: TypeAlias = "torch.dtype | str | None"
+"""A ``dtype=`` option: ``torch.float16``, ``torch.bfloat16``, ``torch.float32``, their names
+(``"float16"``, ``"fp16"``, ``"half"``, ``"bfloat16"``, ``"bf16"``, ``"float32"``, ``"fp32"``),
+or ``None`` (leave the model as it is)."""
+
+_DTYPES: Final[dict[str, torch.dtype]] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+_REDUCED: Final = frozenset({torch.float16, torch.bfloat16})
+
+
+def checked_dtype(dtype: DTypeArg, device: torch.device | None) -> torch.dtype | None:
+    """``dtype`` as a ``torch.dtype`` (or None), refused where it cannot run.
+
+    float16 needs a CUDA device (CPU matmuls in float16 are slow or missing); bfloat16 and
+    float32 run anywhere.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype.removeprefix("torch.")]
+    if not isinstance(dtype, torch.dtype) or dtype not in set(_DTYPES.values()):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    on_cuda = device is not None and device.type == "cuda"
+    if dtype == torch.float16 and not on_cuda:
+        raise ValueError("dtype=float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+    return dtype
+
+
+CUDA_LENGTH_LADDER: Final = (16, 32, 64, 128, 256, 512)
+"""The default length buckets on CUDA (capped at the collator's ``max_length``)."""
+
+
+def cuda_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The default allowed micro-batch sizes on CUDA: ``8, 16, 32, ...`` up to ``max_batch_size``.
+
+    Below 8 rows a GPU's time hardly depends on the row count, so small micro-batches share the
+    shape of 8 rows instead of adding four more shapes.
+    """
+    sizes = [s for s in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if s < max_batch_size]
+    return (*sizes, max_batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDefaults:
+    """What the model wrappers pick when not told, for one device.
+
+    On a CUDA device:
+
+    - ``max_batch_size`` 256 (the batcher's; the plain default is 32);
+    - ``max_batch_tokens`` ``1024 x`` the device's memory in GiB
+      (``torch.cuda.get_device_properties(device).total_memory``), clamped to 8192..65536
+      (65536 on an 80 GB H100: 256 rows of 256 tokens), a budget sized for BERT-class encoders
+      (pass your own for larger models);
+    - ``length_buckets`` :data:`CUDA_LENGTH_LADDER` and ``batch_sizes``
+      :func:`cuda_batch_sizes` of the batch size, so the device sees a few dozen shapes.
+
+    On the CPU, today's behaviour: no token budget, no buckets, the batcher's own batch size
+    (``None`` everywhere). Padding to buckets buys nothing there (a CPU kernel costs the same for
+    every shape) and costs the padded tokens.
+    """
+
+    max_batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    length_buckets: LengthBuckets | None = None
+    cuda: bool = False
+
+    def batch_sizes(self, max_batch_size: int) -> tuple[int, ...] | None:
+        """The allowed micro-batch sizes for a batcher of ``max_batch_size`` rows."""
+        return cuda_batch_sizes(max_batch_size) if self.cuda else None
+
+
+def device_defaults(device: torch.device | None) -> DeviceDefaults:
+    """The :class:`DeviceDefaults` for ``device`` (``None``: the CPU)."""
+    if device is None or device.type != "cuda":
+        return DeviceDefaults()
+    total = torch.cuda.get_device_properties(device).total_memory  # pragma: no cover - CUDA only
+    budget = min(65536, max(8192, 1024 * (total // 2**30)))  # pragma: no cover - CUDA only
+    return DeviceDefaults(256, budget, CUDA_LENGTH_LADDER, True)  # pragma: no cover - CUDA only
 
 
 class Placement:
@@ -30,16 +134,20 @@ class Placement:
         output_device: where outputs are returned; ``None`` leaves them on ``device``.
     """
 
-    __slots__ = ("_lock", "_stream", "device", "output_device")
+    __slots__ = ("_lock", "_stream", "device", "dtype", "output_device")
 
     def __init__(
-        self, device: str | torch.device | None, output_device: str | torch.device | None
+        self,
+        device: str | torch.device | None,
+        output_device: str | torch.device | None,
+        dtype: DTypeArg = None,
     ) -> None:
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and self.device.index is None:
             # Pin "cuda" to the current device now, so the stream and the model agree later.
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.output_device = None if output_device is None else torch.device(output_device)
+        self.dtype = checked_dtype(dtype, self.device)
         self._stream: Any = None
         self._lock = threading.Lock()
 
@@ -65,12 +173,45 @@ class Placement:
                 yield
 
     def to_device(self, tree: Any) -> Any:
-        """Move every tensor of ``tree`` to ``device`` (asynchronously from pinned memory)."""
-        device = self.device
-        if device is None:
+        """Move every tensor of ``tree`` to ``device`` (asynchronously from pinned memory).
+
+        With ``dtype``, floating-point inputs (``inputs_embeds``, say) are cast to it, as the
+        model was.
+        """
+        device, dtype = self.device, self.dtype
+        if device is None and dtype is None:
             return tree
         non_blocking = self.is_cuda
-        return tree_map(lambda t: t.to(device, non_blocking=non_blocking), tree)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            cast = dtype if dtype is not None and t.is_floating_point() else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+        return tree_map(move, tree)
+
+    def as_float32(self, tree: Any) -> Any:
+        """``tree`` with float16/bfloat16 tensors as float32 (outputs of a reduced ``dtype``)."""
+        if self.dtype not in _REDUCED:
+            return tree
+        return tree_map(lambda t: t.float() if t.dtype in _REDUCED else t, tree)
+
+    def to_output_started(self, tree: Any) -> tuple[Any, Any]:
+        """Start moving ``tree`` to ``output_device``; return it with a CUDA event (or None).
+
+        Call it inside :meth:`running`. On CUDA the copies to the CPU land in pinned memory
+        (``non_blocking=True`` from a CUDA tensor allocates it so); the tensors may be read once
+        the event has completed (``event.synchronize()``). Elsewhere the event is None and the
+        tensors are ready.
+        """
+        out_device = self.output_device
+        if out_device is not None:
+            non_blocking = self.is_cuda
+            tree = tree_map(lambda t: t.to(out_device, non_blocking=non_blocking), tree)
+        if not self.is_cuda:
+            return tree, None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # pragma: no cover - CUDA
+        event.record(self._cuda_stream())  # pragma: no cover - needs a CUDA device
+        return tree, event  # pragma: no cover - needs a CUDA device
 
     def to_output(self, tree: Any) -> Any:
         """Move ``tree`` to ``output_device`` and wait until this worker's stream is done.

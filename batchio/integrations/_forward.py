@@ -11,18 +11,20 @@ so each row that fails alone gets its own exception and every other row its resu
 from __future__ import annotations
 
 import itertools
+import traceback
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import torch
 
+from .. import Stages
 from ._collate import CollatedBatch, Collator, PreparedRow, Signature
-from ._device import Placement
+from ._device import DTypeArg, Placement
 from ._isolate import run_isolating
 from ._shapes import plan_shaped_micro_batches
 from ._split import split_output, tree_map
 
-__all__ = ["BatchForward", "Postprocess", "drop_padding_rows"]
+__all__ = ["AssembledBatch", "BatchForward", "Postprocess", "StagedForward", "drop_padding_rows"]
 
 Postprocess: TypeAlias = Callable[[Any, CollatedBatch], Any]
 """``postprocess(model_output, batch) -> output``: runs on the device, before outputs are split."""
@@ -58,6 +60,9 @@ class BatchForward:
             top-level outputs (e.g. ``{"last_hidden_state"}``), or ``False``.
         postprocess: ``postprocess(output, batch)`` applied to each micro-batch's output on the
             device (pooling, say), before it is moved and split.
+        dtype: cast a module to ``torch.float16`` or ``torch.bfloat16`` (or their names; also
+            ``"float32"``) and run in it; floating-point outputs come back as float32. float16
+            needs a CUDA device. ``None``: the model's own dtype.
     """
 
     def __init__(
@@ -70,16 +75,19 @@ class BatchForward:
         max_batch_tokens: int | None = None,
         strip_padding: bool | Collection[str | int] = False,
         postprocess: Postprocess | None = None,
+        dtype: DTypeArg = None,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
         if device is None and isinstance(model, torch.nn.Module):
             device = _module_device(model)
-        self.placement = Placement(device, output_device)
+        self.placement = Placement(device, output_device, dtype)
         if isinstance(model, torch.nn.Module):
             model.eval()
             if self.placement.device is not None:
                 model.to(self.placement.device)
+            if self.placement.dtype is not None:
+                model.to(self.placement.dtype)
         self.model = model
         self.collator = collator if collator is not None else Collator()
         self.max_batch_tokens = max_batch_tokens
@@ -141,6 +149,7 @@ class BatchForward:
             if self.postprocess is not None:
                 output = self.postprocess(output, on_device)
             output = placement.to_output(output)
+        output = placement.as_float32(output)
         return split_output(
             drop_padding_rows(output, batch),
             len(rows),
@@ -148,6 +157,201 @@ class BatchForward:
             padded_length=batch.padded_length,
             padding_side=batch.padding_side,
             strip_padding=self.strip_padding,
+        )
+
+
+class MicroBatch:
+    """One micro-batch on its way through the stages: which rows, their batch, then its output."""
+
+    __slots__ = ("batch", "error", "event", "output", "positions", "rows")
+
+    def __init__(self, positions: list[int], rows: list[PreparedRow]) -> None:
+        self.positions = positions  # indices into the rows given to assemble
+        self.rows = rows
+        self.batch: CollatedBatch | None = None
+        self.output: Any = None
+        self.event: Any = None  # a CUDA event recorded after the copies out, or None
+        self.error: Exception | None = None
+
+
+class AssembledBatch:
+    """What :meth:`StagedForward.assemble` hands the device stage, and the device stage finish.
+
+    Attributes:
+        size: rows given to ``assemble`` (``finish`` returns one result per row, in that order).
+        micro_batches: the micro-batches, collated (and pinned, on CUDA) by ``assemble``; after
+            ``run``, each holds its output (or its error) and the event to wait for.
+    """
+
+    __slots__ = ("micro_batches", "size")
+
+    def __init__(self, size: int, micro_batches: list[MicroBatch]) -> None:
+        self.size = size
+        self.micro_batches = micro_batches
+
+
+class StagedForward(BatchForward):
+    """:class:`BatchForward` split into the stages of a :class:`batchio.Stages`.
+
+    ``finish(run(assemble(prepare(rows))))`` computes what ``BatchForward(rows)`` does, with each
+    part on the thread where it belongs:
+
+    - :meth:`prepare` (CPU, in parallel): :meth:`Collator.prepare` per row; a row that cannot run
+      gets its :class:`CollationError` at once.
+    - :meth:`assemble` (CPU): group rows by signature, sort by length, plan micro-batches under
+      ``max_batch_tokens`` at their padded shape, and collate each (padded to the collator's
+      length buckets and batch sizes; in pinned memory on CUDA).
+    - :meth:`run` (the device thread, device work only): per micro-batch, copy in
+      (``non_blocking``, on this worker's CUDA stream), forward under ``inference_mode``,
+      ``postprocess``, start the copies out to pinned CPU memory, record a CUDA event. Nothing
+      here waits for the device.
+    - :meth:`finish` (CPU): wait on each micro-batch's event, drop padding rows, cast reduced
+      precision outputs to float32, split into rows and put them back in the order given.
+
+    On the CPU the same code runs without streams or events.
+
+    A micro-batch whose forward pass raises is re-run in halves *inside* :meth:`run` (collating
+    the halves there: the failure path only), so each row that fails alone gets the model's own
+    exception and every other row its result, with or without the batcher's
+    ``isolate_errors``; :meth:`run` itself raises only what is not an ``Exception``. (An error
+    raised asynchronously by a CUDA kernel, such as a device-side assert, surfaces in
+    :meth:`finish` for the whole micro-batch, and usually leaves the CUDA context unusable.)
+
+    Calling the object with a list of rows runs the four stages in sequence, on the calling
+    thread. :meth:`stages` builds the :class:`batchio.Stages`.
+    """
+
+    def __call__(self, rows: Sequence[Any]) -> list[Any]:
+        """Run all four stages on ``rows`` here; one result (or ``Exception``) per row."""
+        prepared = self.prepare(rows)
+        results: list[Any] = list(prepared)
+        live = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        if live:
+            rows = [cast(PreparedRow, prepared[i]) for i in live]
+            done = self.finish(self.run(self.assemble(rows)))
+            for i, out in zip(live, done, strict=True):
+                results[i] = out
+        return results
+
+    def prepare(self, rows: Sequence[Any]) -> list[PreparedRow | Exception]:
+        """:meth:`Collator.prepare` each row: a :class:`PreparedRow`, or the row's error."""
+        out: list[PreparedRow | Exception] = []
+        prepare = self.collator.prepare
+        for row in rows:
+            try:
+                out.append(prepare(row))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def assemble(self, prepared: Sequence[PreparedRow]) -> AssembledBatch:
+        """Plan and collate the micro-batches of ``prepared`` (rows from :meth:`prepare`)."""
+        by_signature: dict[Signature, list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_signature.setdefault(p.signature, []).append(i)
+        micro: list[MicroBatch] = []
+        for indices in by_signature.values():
+            for group in self.plan([prepared[i].length for i in indices]):
+                positions = [indices[j] for j in group]
+                mb = MicroBatch(positions, [prepared[i] for i in positions])
+                try:
+                    mb.batch = self.collator.collate(mb.rows, pin_memory=self.placement.is_cuda)
+                except Exception as exc:
+                    mb.error = exc
+                micro.append(mb)
+        return AssembledBatch(len(prepared), micro)
+
+    def run(self, assembled: AssembledBatch) -> AssembledBatch:
+        """The device stage: start every micro-batch's forward pass and copies out."""
+        done: list[MicroBatch] = []
+        for mb in assembled.micro_batches:
+            if mb.error is not None or mb.batch is None:
+                done.append(mb)
+            else:
+                done.extend(self._launch_isolating(mb))
+        assembled.micro_batches = done
+        return assembled
+
+    def _launch_isolating(self, mb: MicroBatch) -> list[MicroBatch]:
+        assert mb.batch is not None
+        try:
+            self._launch(mb, mb.batch)
+        except Exception as exc:
+            traceback.clear_frames(exc.__traceback__)
+            if len(mb.rows) == 1:
+                mb.error = exc
+                return [mb]
+        else:
+            return [mb]
+        # Outside the except block, so the halves' errors do not chain to this one.
+        mid = len(mb.rows) // 2
+        halves: list[MicroBatch] = []
+        for lo, hi in ((0, mid), (mid, len(mb.rows))):
+            half = MicroBatch(mb.positions[lo:hi], mb.rows[lo:hi])
+            try:
+                half.batch = self.collator.collate(half.rows, pin_memory=self.placement.is_cuda)
+            except Exception as exc:
+                half.error = exc
+                halves.append(half)
+                continue
+            halves.extend(self._launch_isolating(half))
+        return halves
+
+    def _launch(self, mb: MicroBatch, batch: CollatedBatch) -> None:
+        placement = self.placement
+        with placement.running():
+            data = placement.to_device(batch.data)
+            on_device = CollatedBatch(
+                data, batch.lengths, batch.padded_length, batch.padding_side, batch.padding_rows
+            )
+            output = self.model(**data) if isinstance(data, dict) else self.model(data)
+            if self.postprocess is not None:
+                output = self.postprocess(output, on_device)
+            # Cut the padding rows on the device: they need not cross to the host.
+            output = drop_padding_rows(output, batch)
+            mb.output, mb.event = placement.to_output_started(output)
+
+    def finish(self, assembled: AssembledBatch) -> list[Any]:
+        """Wait for the copies, split each micro-batch's output; one result per row, in order."""
+        results: list[Any] = [None] * assembled.size
+        for mb in assembled.micro_batches:
+            outs: list[Any]
+            if mb.error is not None or mb.batch is None:
+                outs = [mb.error] * len(mb.positions)
+            else:
+                try:
+                    if mb.event is not None:  # pragma: no cover - needs a CUDA device
+                        mb.event.synchronize()
+                    batch = mb.batch
+                    outs = split_output(
+                        self.placement.as_float32(mb.output),
+                        batch.real_rows,
+                        lengths=batch.lengths,
+                        padded_length=batch.padded_length,
+                        padding_side=batch.padding_side,
+                        strip_padding=self.strip_padding,
+                    )
+                except Exception as exc:
+                    outs = [exc] * len(mb.positions)
+            for i, out in zip(mb.positions, outs, strict=True):
+                results[i] = out
+            # Release the pinned buffers and outputs now, not when the whole batch is dropped.
+            mb.batch = mb.output = mb.event = None
+        return results
+
+    def stages(
+        self, *, prepare_workers: int = 2, device: Any = None, weight: int = 1
+    ) -> Stages[Any, Any]:
+        """A :class:`batchio.Stages` of these four functions (``device``: a shared
+        :class:`batchio.DeviceExecutor`)."""
+        return Stages(
+            prepare=self.prepare,
+            assemble=self.assemble,
+            run=self.run,
+            finish=self.finish,
+            prepare_workers=prepare_workers,
+            device=device,
+            weight=weight,
         )
 
 

@@ -14,13 +14,13 @@ batcher's worker thread. Importing this module imports torch; ``import batchio``
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Unpack
 
 import anyio.to_thread
 import torch
 
-from .. import DEFAULT, Batcher, BatcherOptions, BatcherOptionsKw, TimeoutArg
+from .. import DEFAULT, Batcher, BatcherOptions, BatcherOptionsKw, DeviceExecutor, TimeoutArg
 from ._collate import (
     DEFAULT_LENGTH_GROUPS,
     DEFAULT_PAD_VALUES,
@@ -30,24 +30,30 @@ from ._collate import (
     PaddingSide,
     PreparedRow,
 )
-from ._device import Placement
-from ._forward import BatchForward, Postprocess
+from ._device import DeviceDefaults, DTypeArg, Placement, device_defaults
+from ._forward import AssembledBatch, BatchForward, Postprocess, StagedForward
 from ._microbatch import plan_micro_batches
-from ._owner import BatcherOwner, own_batcher
+from ._owner import BatcherOwner
 from ._split import split_output, stack_outputs
+from ._wrap import AUTO, Auto, check_device_executor, make_batcher, resolve_device, setup
 
 __all__ = [
     "DEFAULT_LENGTH_GROUPS",
     "DEFAULT_PAD_VALUES",
+    "AssembledBatch",
     "BatchForward",
     "BatchedModule",
     "CollatedBatch",
     "CollationError",
     "Collator",
+    "DTypeArg",
+    "DeviceDefaults",
     "PaddingSide",
     "Placement",
     "Postprocess",
     "PreparedRow",
+    "StagedForward",
+    "device_defaults",
     "plan_micro_batches",
     "split_output",
     "split_rows",
@@ -90,8 +96,18 @@ def _as_batch_tensor(value: object, what: str) -> torch.Tensor:
 class BatchedModule(BatcherOwner[Any, Any]):
     """A PyTorch model behind a :class:`batchio.Batcher`: ``await m(row)`` returns that row's output.
 
-    It owns the batcher: use it as an async context manager. Its batch function is a
-    :class:`BatchForward` (``m.forward``), which you can also call directly with a list of rows.
+    It owns the batcher: use it as an async context manager. By default the batcher is staged
+    (:class:`batchio.Stages`): rows are checked on ``prepare_workers`` threads as they arrive,
+    the next batch is padded into (pinned) buffers while this one runs, the device thread only
+    copies in, runs the model and starts the copies out, and results are split on a thread of
+    their own. ``m.forward`` is the :class:`StagedForward` doing that, which you can also call
+    directly with a list of rows. ``staged=False`` gives the plain form: one worker thread runs a
+    :class:`BatchForward` over each batch, start to finish.
+
+    Defaults that depend on the device (see :class:`DeviceDefaults`): on CUDA, the batcher's
+    ``max_batch_size`` is 256, ``max_batch_tokens`` follows the device's memory, lengths pad to
+    the ladder ``(16, 32, ..., 512)`` and micro-batches to ``8, 16, 32, ...`` rows; on the CPU,
+    the batcher's own ``max_batch_size``, no token budget, no buckets (as before).
 
     Args:
         model: a ``torch.nn.Module`` or any callable (see :class:`BatchForward`).
@@ -104,7 +120,16 @@ class BatchedModule(BatcherOwner[Any, Any]):
             :class:`Collator`. Ignored when ``collator`` is given.
         collator: a ready :class:`Collator` (also for its ``length_groups`` and ``max_length``).
         max_batch_tokens: the padded-token budget of one forward pass (length-sorted
-            micro-batches); ``None`` for one pass per batch.
+            micro-batches); ``None`` for one pass per batch; ``"auto"`` (default): the device's.
+        length_buckets, batch_sizes: shape buckets (see :class:`Collator`); ``"auto"``
+            (default): the device's. Ignored when ``collator`` is given.
+        dtype: run a module in ``torch.float16`` / ``torch.bfloat16`` (or ``"float16"``,
+            ``"bfloat16"``, ``"float32"``); outputs come back as float32. float16 needs CUDA.
+        staged: ``True`` (default) for the staged batcher, ``False`` for the plain one.
+        prepare_workers: threads that prepare rows (staged only).
+        device_executor: a :class:`batchio.DeviceExecutor` whose one thread runs the device
+            stage of this model and of every other batcher that names it (staged only);
+            ``device_weight`` is this model's share of it.
         strip_padding: which outputs are per-token, returned without padding (see
             :class:`BatchForward`).
         postprocess: applied to each micro-batch's output on the device (see :class:`BatchForward`).
@@ -125,31 +150,57 @@ class BatchedModule(BatcherOwner[Any, Any]):
         attention_mask: str | None = "attention_mask",
         position_ids: str | None = None,
         collator: Collator | None = None,
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | Auto | None = AUTO,
+        length_buckets: int | Sequence[int] | Auto | None = AUTO,
+        batch_sizes: Sequence[int] | Auto | None = AUTO,
         strip_padding: bool | Collection[str | int] = False,
         postprocess: Postprocess | None = None,
+        dtype: DTypeArg = None,
+        staged: bool = True,
+        prepare_workers: int = 2,
+        device_executor: DeviceExecutor | None = None,
+        device_weight: int = 1,
         options: BatcherOptions | None = None,
         **batcher_options: Unpack[BatcherOptionsKw],
     ) -> None:
+        check_device_executor(device_executor, staged)
+        chosen = setup(
+            resolve_device(model, device),
+            options,
+            batcher_options,
+            max_batch_tokens=max_batch_tokens,
+            length_buckets=length_buckets,
+            batch_sizes=batch_sizes,
+            name=type(model).__name__,
+        )
         if collator is None:
             collator = Collator(
                 padding_side=padding_side,
                 pad_values=dict(pad_values or {}),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
+                length_buckets=chosen.length_buckets,
+                batch_sizes=chosen.batch_sizes,
             )
-        self.forward = BatchForward(
+        forward_type = StagedForward if staged else BatchForward
+        self.forward: BatchForward = forward_type(
             model,
             collator=collator,
             device=device,
             output_device=output_device,
-            max_batch_tokens=max_batch_tokens,
+            max_batch_tokens=chosen.max_batch_tokens,
             strip_padding=strip_padding,
             postprocess=postprocess,
+            dtype=dtype,
         )
-        self.batcher: Batcher[Any, Any] = own_batcher(
-            self.forward, options, batcher_options, name=type(model).__name__
+        stages = (
+            self.forward.stages(
+                prepare_workers=prepare_workers, device=device_executor, weight=device_weight
+            )
+            if isinstance(self.forward, StagedForward)
+            else None
         )
+        self.batcher: Batcher[Any, Any] = make_batcher(self.forward, stages, chosen.options)
 
     async def __call__(self, row: Any, *, timeout: TimeoutArg = DEFAULT) -> Any:
         """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.

@@ -7,8 +7,11 @@
     async with SentenceEmbedder("path/to/all-MiniLM-L6-v2", max_batch_size=64) as embed:
         vector = await embed("a sentence")          # a 1-D float32 CPU tensor
 
-Tokenization, the forward pass and pooling run on the batcher's worker thread; the event loop only
-queues strings and hands back tensors. Importing this module imports torch and transformers.
+By default the embedder's batcher is staged (:class:`batchio.Stages`): texts are tokenized by the
+tokenizer's fast backend on ``prepare_workers`` threads as they arrive, the next batch is padded
+while this one is on the device, the device thread runs only the copies and the forward pass, and
+pooled outputs are split on a thread of their own. The event loop only queues strings and hands
+back tensors. Importing this module imports torch and transformers.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from typing import Any, Unpack, cast
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from .. import Batcher, BatcherOptions, BatcherOptionsKw
+from .. import Batcher, BatcherOptions, BatcherOptionsKw, DeviceExecutor
+from ._device import DTypeArg
+from ._forward import StagedForward
 from ._isolate import run_isolating
 from ._owner import BatcherOwner, own_batcher
-from ._tokenize import TextTokenizer, text_problem
-from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide
+from ._shapes import LengthBuckets
+from ._tokenize import TextTokenizer, default_max_length, text_problem
+from ._wrap import AUTO, Auto, check_device_executor, make_batcher, resolve_device, setup
+from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide, PreparedRow
 
 __all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "TextTokenizer", "mean_pool"]
 
@@ -51,8 +58,10 @@ def mean_pool(output: Any, batch: CollatedBatch, *, normalize: bool = True) -> t
 class TextEmbeddingFn:
     """The sentence embedder's batch function: ``texts -> one embedding (or exception) per text``.
 
-    Synchronous, so it can also be called directly (for a baseline, or from a thread). Arguments
-    are those of :class:`SentenceEmbedder` that shape the computation.
+    Synchronous, so it can also be called directly (for a baseline, or from a thread): it
+    tokenizes with the tokenizer's own call and runs a :class:`BatchForward`, all on the calling
+    thread. Arguments are those of :class:`SentenceEmbedder` that shape the computation
+    (``length_buckets`` and ``batch_sizes`` as in :class:`Collator`, ``None`` by default).
     """
 
     def __init__(
@@ -65,28 +74,37 @@ class TextEmbeddingFn:
         max_length: int | None = None,
         padding_side: PaddingSide = "right",
         max_batch_tokens: int | None = None,
+        length_buckets: LengthBuckets | Sequence[int] | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        dtype: DTypeArg = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.normalize = normalize
-        limit = getattr(tokenizer, "model_max_length", None)
-        # Tokenizers without a real limit report a huge sentinel; fall back to BERT's 512.
-        default = limit if isinstance(limit, int) and limit <= 100_000 else 512
-        self.max_length = max_length if max_length is not None else default
+        self.max_length = max_length if max_length is not None else default_max_length(tokenizer)
         # With left padding, models with absolute positions need positions counted over real
         # tokens only, or every token's position shifts by the padding before it.
         forward_params = inspect.signature(getattr(model, "forward", model)).parameters
         wants_positions = padding_side == "left" and "position_ids" in forward_params
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in forward_params.values())
+        self.model_keys: frozenset[str] | None = None if takes_any else frozenset(forward_params)
+        """The model's keyword parameters (None when it takes ``**kwargs``)."""
+        self.collator = Collator(
+            padding_side=padding_side,
+            pad_values={"input_ids": tokenizer.pad_token_id or 0},
+            position_ids="position_ids" if wants_positions else None,
+            # Texts are truncated to max_length, so no row fails this; it caps the buckets.
+            max_length=self.max_length,
+            length_buckets=length_buckets,
+            batch_sizes=batch_sizes,
+        )
         self.forward = BatchForward(
             model,
-            collator=Collator(
-                padding_side=padding_side,
-                pad_values={"input_ids": tokenizer.pad_token_id or 0},
-                position_ids="position_ids" if wants_positions else None,
-            ),
+            collator=self.collator,
             device=device,
             output_device="cpu",
             max_batch_tokens=max_batch_tokens,
             postprocess=self._pool,
+            dtype=dtype,
         )
 
     def _pool(self, output: Any, batch: CollatedBatch) -> torch.Tensor:
@@ -149,6 +167,19 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
     :class:`CollationError`, and a failing tokenizer call or forward pass is re-run in halves so
     that only the texts that fail get its error.
 
+    By default the batcher is staged (see the module docstring): ``prepare`` tokenizes with a
+    :class:`TextTokenizer` (the fast backend, where the tokenizer has one) and checks each row,
+    and :attr:`staged_forward`, a :class:`StagedForward`, does the rest. ``staged=False`` gives
+    the plain form, one worker thread running :attr:`embed_batch` (a :class:`TextEmbeddingFn`,
+    which tokenizes with the tokenizer's call) over each batch. :attr:`embed_batch` is there in
+    both forms, a plain synchronous function for one-off calls and baselines.
+
+    Defaults that depend on the device: on CUDA, ``max_batch_size`` 256, ``max_batch_tokens``
+    from the device's memory, lengths padded to the ladder ``(16, 32, ..., 512)`` (capped at
+    ``max_length``) and micro-batches to ``8, 16, 32, ...`` rows (see
+    :class:`batchio.integrations.torch.DeviceDefaults`); on the CPU, the batcher's own batch
+    size, no token budget, no buckets.
+
     Args:
         model: a local model directory, or a loaded ``transformers`` model (e.g. ``AutoModel``).
         tokenizer: the tokenizer; loaded from ``model`` when it is a path.
@@ -158,6 +189,16 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
         padding_side: ``"right"`` or ``"left"``; the results are the same, up to float rounding.
         max_batch_tokens: the padded-token budget of one forward pass; a batch is sorted by
             length and run in micro-batches under it. ``None``: one pass per batch.
+            ``"auto"`` (default): the device's (``None`` on the CPU).
+        length_buckets, batch_sizes: shape buckets (see :class:`Collator`); ``"auto"``
+            (default): the device's (none on the CPU).
+        dtype: run the model in ``torch.float16`` / ``torch.bfloat16`` (or ``"float16"``,
+            ``"bfloat16"``, ``"float32"``); embeddings are float32 either way. float16 needs a
+            CUDA device. ``None``: the model's own dtype.
+        staged: ``True`` (default) for the staged batcher, ``False`` for the plain one.
+        prepare_workers: threads that tokenize (staged only).
+        device_executor: a :class:`batchio.DeviceExecutor` to share one device thread with other
+            batchers (staged only); ``device_weight`` is this embedder's share of it.
         options: a :class:`batchio.BatcherOptions` to start from.
         **batcher_options: any option of :class:`batchio.BatcherOptions`, validated the same way;
             the batcher's ``name`` defaults to ``"SentenceEmbedder"``.
@@ -172,10 +213,18 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
         normalize: bool = True,
         max_length: int | None = None,
         padding_side: PaddingSide = "right",
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | Auto | None = AUTO,
+        length_buckets: int | Sequence[int] | Auto | None = AUTO,
+        batch_sizes: Sequence[int] | Auto | None = AUTO,
+        dtype: DTypeArg = None,
+        staged: bool = True,
+        prepare_workers: int = 2,
+        device_executor: DeviceExecutor | None = None,
+        device_weight: int = 1,
         options: BatcherOptions | None = None,
         **batcher_options: Unpack[BatcherOptionsKw],
     ) -> None:
+        check_device_executor(device_executor, staged)
         if isinstance(model, str | os.PathLike):
             path = os.fspath(model)
             if tokenizer is None:
@@ -183,6 +232,15 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
             model = AutoModel.from_pretrained(path, local_files_only=True)
         if tokenizer is None:
             raise TypeError("pass the tokenizer along with a loaded model")
+        chosen = setup(
+            resolve_device(model, device),
+            options,
+            batcher_options,
+            max_batch_tokens=max_batch_tokens,
+            length_buckets=length_buckets,
+            batch_sizes=batch_sizes,
+            name="SentenceEmbedder",
+        )
         self.embed_batch = TextEmbeddingFn(
             model,
             tokenizer,
@@ -190,11 +248,61 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
             normalize=normalize,
             max_length=max_length,
             padding_side=padding_side,
-            max_batch_tokens=max_batch_tokens,
+            max_batch_tokens=chosen.max_batch_tokens,
+            length_buckets=chosen.length_buckets,
+            batch_sizes=chosen.batch_sizes,
+            dtype=dtype,
         )
-        self.batcher: Batcher[str, torch.Tensor] = own_batcher(
-            self.embed_batch, options, batcher_options, name="SentenceEmbedder"
+        self.staged_forward: StagedForward | None = None
+        """The device, assembly and finishing stages (None for ``staged=False``)."""
+        self.text_tokenizer: TextTokenizer | None = None
+        """The preparation stage's tokenizer (None for ``staged=False``)."""
+        stages = None
+        if staged:
+            plain = self.embed_batch
+            self.text_tokenizer = TextTokenizer(
+                tokenizer,
+                max_length=plain.max_length,
+                keys=plain.model_keys,
+                # The collator builds the same all-ones mask, cheaper than checking one per row.
+                attention_mask=False,
+            )
+            self.staged_forward = StagedForward(
+                model,
+                collator=plain.collator,
+                device=plain.forward.placement.device,
+                output_device="cpu",
+                max_batch_tokens=chosen.max_batch_tokens,
+                postprocess=plain._pool,
+                dtype=dtype,
+            )
+            stages = self.staged_forward.stages(
+                prepare_workers=prepare_workers, device=device_executor, weight=device_weight
+            )
+            stages = dataclasses.replace(stages, prepare=self.prepare)
+        self.batcher: Batcher[str, torch.Tensor] = make_batcher(
+            self.embed_batch, stages, chosen.options
         )
+
+    def prepare(self, texts: Sequence[object]) -> list[PreparedRow | Exception]:
+        """The staged form's preparation: tokenize ``texts`` and check each row.
+
+        One :class:`PreparedRow`, or one exception, per text (see :class:`TextTokenizer`).
+        """
+        assert self.text_tokenizer is not None
+        assert self.staged_forward is not None
+        rows = self.text_tokenizer(texts)
+        prepare = self.staged_forward.collator.prepare
+        out: list[PreparedRow | Exception] = []
+        for row in rows:
+            if isinstance(row, Exception):
+                out.append(row)
+                continue
+            try:
+                out.append(prepare(row))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
 
 class BatchedPipeline(BatcherOwner[Any, Any]):

@@ -29,14 +29,17 @@ def token_rows(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]
     return [{k: torch.tensor(v) for k, v in tokenizer(t).items()} for t in texts]
 
 
+@pytest.mark.parametrize("staged", [True, False])
 @pytest.mark.parametrize("side", ["right", "left"])
 async def test_concurrent_rows_match_one_at_a_time(
-    tiny_bert: Any, tokenizer: Any, texts: list[str], side: Any
+    tiny_bert: Any, tokenizer: Any, texts: list[str], side: Any, staged: bool
 ) -> None:
-    """Rows of very different lengths, batched together, get what each gets alone (< 1e-4)."""
+    """Rows of very different lengths, batched together, get what each gets alone (< 1e-4),
+    through the staged batcher and the plain one."""
     rows = token_rows(tokenizer, texts)
     async with BatchedModule(
         tiny_bert,
+        staged=staged,
         padding_side=side,
         position_ids="position_ids",  # BERT's absolute positions must not shift under left padding
         strip_padding={"last_hidden_state"},

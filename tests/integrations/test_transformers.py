@@ -40,15 +40,23 @@ def reference_embedding(model: Any, tokenizer: Any, text: str) -> torch.Tensor:
     return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
 
+@pytest.mark.parametrize("staged", [True, False])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("max_batch_tokens", [None, 150])
 async def test_batched_embeddings_equal_one_at_a_time(
-    tiny_bert: Any, tokenizer: Any, texts: list[str], side: Any, max_batch_tokens: int | None
+    tiny_bert: Any,
+    tokenizer: Any,
+    texts: list[str],
+    side: Any,
+    max_batch_tokens: int | None,
+    staged: bool,
 ) -> None:
-    """Texts of 1 to 120 words, batched (and micro-batched), embed as they do alone: < 1e-4."""
+    """Texts of 1 to 120 words, batched (and micro-batched), embed as they do alone: < 1e-4,
+    through the staged batcher and the plain one."""
     embedder = SentenceEmbedder(
         tiny_bert,
         tokenizer,
+        staged=staged,
         padding_side=side,
         max_batch_tokens=max_batch_tokens,
         max_batch_size=len(texts),

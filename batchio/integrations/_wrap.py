@@ -1,0 +1,91 @@
+"""What the model wrappers share: device-derived defaults, resolved options, the staged batcher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias
+
+import torch
+
+from .. import Batcher, BatcherOptions, BatcherOptionsKw, DeviceExecutor, Stages
+from .._options import options_from
+from ._device import DeviceDefaults, device_defaults
+from ._shapes import LengthBuckets
+
+__all__ = ["AUTO", "Auto", "WrapperSetup", "resolve_device", "setup"]
+
+Auto: TypeAlias = Literal["auto"]
+AUTO: Final = "auto"
+"""Default of the wrappers' shape options: chosen from the device (see :class:`DeviceDefaults`)."""
+
+
+def resolve_device(model: Any, device: str | torch.device | None) -> torch.device | None:
+    """The device the model will run on: ``device``, else a module's own when not the CPU."""
+    if device is not None:
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())  # pragma: no cover - CUDA
+        return d
+    if isinstance(model, torch.nn.Module):
+        tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+        if tensor is not None and tensor.device.type != "cpu":
+            return tensor.device  # pragma: no cover - needs an accelerator
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WrapperSetup:
+    """A wrapper's resolved options and shapes."""
+
+    options: BatcherOptions
+    defaults: DeviceDefaults
+    max_batch_tokens: int | None
+    length_buckets: LengthBuckets | Sequence[int] | None
+    batch_sizes: Sequence[int] | None
+
+
+def setup(
+    device: torch.device | None,
+    options: BatcherOptions | None,
+    kwargs: BatcherOptionsKw,
+    *,
+    max_batch_tokens: int | Auto | None,
+    length_buckets: int | Sequence[int] | Auto | None,
+    batch_sizes: Sequence[int] | Auto | None,
+    **wrapper_defaults: Any,
+) -> WrapperSetup:
+    """Options and shapes, each the caller's where given, else the device's default.
+
+    ``options`` (when given) replaces the wrapper's defaults, the device's ``max_batch_size``
+    included; ``kwargs`` go on top of either.
+    """
+    dd = device_defaults(device)
+    if options is None:
+        base_kw = dict(wrapper_defaults)
+        if dd.max_batch_size is not None:
+            base_kw["max_batch_size"] = dd.max_batch_size
+        base = options_from(None, base_kw)  # type: ignore[arg-type]
+    else:
+        base = options
+    opts = options_from(base, kwargs)
+    return WrapperSetup(
+        opts,
+        dd,
+        dd.max_batch_tokens if max_batch_tokens == AUTO else max_batch_tokens,
+        dd.length_buckets if length_buckets == AUTO else length_buckets,
+        dd.batch_sizes(opts.max_batch_size) if batch_sizes == AUTO else batch_sizes,
+    )
+
+
+def make_batcher(
+    fn: Any, stages: Stages[Any, Any] | None, options: BatcherOptions
+) -> Batcher[Any, Any]:
+    """The wrapper's batcher: staged when ``stages`` is given, else over the plain ``fn``."""
+    return Batcher(stages if stages is not None else fn, options=options)
+
+
+def check_device_executor(executor: DeviceExecutor | None, staged: bool) -> None:
+    """A shared device executor needs the staged form (the plain one has no device stage)."""
+    if executor is not None and not staged:
+        raise ValueError("device_executor needs staged=True: the plain form has no device stage")
