@@ -50,13 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1" (default: cpu)')
     demo.add_argument(
-        "--concurrency", type=_positive_int, default=32, help="concurrent clients (default: 32)"
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="concurrent clients (default: 32 on a CPU, 1024 on a GPU, enough to fill it)",
     )
     demo.add_argument(
-        "--requests", type=_positive_int, default=256, help="requests in total (default: 256)"
+        "--requests",
+        type=_positive_int,
+        default=None,
+        help="requests in total (default: 256 on a CPU, 65536 on a GPU)",
     )
     demo.add_argument(
-        "--max-batch-size", type=_positive_int, default=32, help="rows per batch (default: 32)"
+        "--max-batch-size",
+        type=_positive_int,
+        default=None,
+        help="rows per batch (default: 32 on a CPU, 256 on a GPU)",
     )
     demo.add_argument(
         "--max-wait",
@@ -67,11 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--max-batch-tokens",
         type=_positive_int,
-        default=512,
+        default=None,
         help=(
             "padded tokens per forward pass: each batch runs length-sorted in micro-batches under "
-            "this budget (default: 512, good on a CPU; raise it on a GPU)"
+            "this budget (default: 512 on a CPU; on a GPU, chosen from its memory)"
         ),
+    )
+    demo.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="run the model in this dtype (float16 needs a GPU; default: the weights' own)",
+    )
+    demo.add_argument(
+        "--prepare-workers",
+        type=_positive_int,
+        default=None,
+        help="threads that tokenize (default: 2 on a CPU, 4 on a GPU)",
     )
     demo.add_argument(
         "--sequential-budget",

@@ -85,6 +85,46 @@ def make_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
+def _fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill the options left unset with the device's defaults.
+
+    A GPU needs far more concurrent requests than a CPU before it is busy: a closed-loop client
+    count of a few full batches keeps the staged pipeline fed (each batch in flight in one stage),
+    and enough requests that the run lasts seconds, not the warm-up's milliseconds.
+    """
+    gpu = device.type == "cuda"
+    if args.max_batch_size is None:
+        args.max_batch_size = 256 if gpu else 32
+    if args.concurrency is None:
+        args.concurrency = 4 * args.max_batch_size if gpu else 32
+    if args.requests is None:
+        args.requests = 65536 if gpu else 256
+    if args.max_batch_tokens is None:
+        args.max_batch_tokens = "auto" if gpu else 512
+    if args.prepare_workers is None:
+        args.prepare_workers = 4 if gpu else 2
+
+
+def _warm_up(embedder: SentenceEmbedder, texts: list[str], max_batch_size: int, gpu: bool) -> None:
+    """Run the shapes the demo will meet once, before anything is timed.
+
+    On a GPU every (rows, padded length) bucket pays a slow first call, so each allowed batch size
+    is run at each length bucket the demo's texts fall in; on a CPU two calls suffice.
+    """
+    embed = embedder.embed_batch
+    embed(texts[:max_batch_size])
+    embed(texts[:1])
+    if not gpu:
+        return
+    by_length = sorted(texts, key=len)
+    sizes = embed.collator.batch_sizes or (max_batch_size,)
+    step = max(1, len(by_length) // 8)
+    for start in range(0, len(by_length), step):  # short to long: every length bucket
+        group = by_length[start : start + max_batch_size]
+        for size in sizes:
+            embed((group * size)[:size])
+
+
 def _model_path(args: argparse.Namespace) -> tuple[Path, str] | None:
     """The model directory and a label for it, or None (after saying why) when there is none."""
     if args.model_path:
@@ -193,6 +233,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if found is None:
         return 2
     path, label = found
+    _fill_defaults(args, device)
     # Loading bars and notices would interleave with the demo's own output.
     # torch's intra-op threads synchronise after every operator: when one of them waits for a
     # core the event loop (or another process) holds, each small one-text forward pass stalls.
@@ -200,18 +241,24 @@ def run_demo(args: argparse.Namespace) -> int:
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     with console.status(f"loading {label} on {args.device}"):
-        embedder = SentenceEmbedder(
-            path,
-            device=args.device,
-            max_batch_size=args.max_batch_size,
-            max_wait=args.max_wait,
-            max_batch_tokens=args.max_batch_tokens,
-            name="demo",
-        )
+        try:
+            embedder = SentenceEmbedder(
+                path,
+                device=args.device,
+                dtype=args.dtype,
+                max_batch_size=args.max_batch_size,
+                max_wait=args.max_wait,
+                max_batch_tokens=args.max_batch_tokens,
+                prepare_workers=args.prepare_workers,
+                name="demo",
+            )
+        except ValueError as exc:  # a dtype the device cannot run, say
+            print(f"batchio demo: {exc}", file=sys.stderr)
+            return 2
         texts = make_texts(args.requests, args.seed)
-        # Warm up both paths, so neither pays for first-call allocations in its timing.
-        embedder.embed_batch(texts[: args.max_batch_size])
-        embedder.embed_batch(texts[:1])
+        # Warm up both paths, so neither pays for first-call allocations (or, on a GPU, for
+        # choosing kernels at a new shape) in its timing.
+        _warm_up(embedder, texts, args.max_batch_size, device.type == "cuda")
 
     with _progress(console) as progress:
         sequential_n, sequential_s = _sequential(embedder, texts, args.sequential_budget, progress)
@@ -241,6 +288,10 @@ def run_demo(args: argparse.Namespace) -> int:
     table.add_row("latency p99 (batched)", f"{latency.p99 * 1e3:.1f} ms")
     table.add_row("batches", f"{stats.batches}")
     table.add_row("mean batch size", f"{stats.mean_batch_size:.1f}")
+    if stats.device_busy_fraction is not None:
+        table.add_row("device thread busy", f"{stats.device_busy_fraction:.0%}")
+        busy = ", ".join(f"{st.name} {st.busy_seconds / batched_s:.0%}" for st in stats.stages)
+        table.add_row("stage busy (share of the batched run)", busy)
     console.print(table)
     failed = stats.failed + stats.timed_out + stats.cancelled
     if failed:

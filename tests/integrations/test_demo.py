@@ -100,3 +100,19 @@ def test_import_stays_light(module: str) -> None:
     proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_demo_in_bfloat16_shows_the_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dtype bfloat16`` runs the model in bf16 (on the CPU too), and the table shows how busy
+    the device thread and each stage were."""
+    args = ["demo", "--requests", "16", "--concurrency", "8", "--max-batch-size", "8"]
+    assert main([*args, "--dtype", "bfloat16", "--sequential-budget", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "device thread busy" in out
+    for stage in ("prepare", "assemble", "device", "finish"):
+        assert stage in out
+
+
+def test_demo_refuses_float16_on_a_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--dtype", "float16"]) == 2
+    assert "float16" in capsys.readouterr().err
