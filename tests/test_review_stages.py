@@ -1,0 +1,395 @@
+"""Adversarial review of the staged batcher (Stages, Pipeline) and the shared DeviceExecutor.
+
+Each test pins one defect found in review and is marked :func:`known_defect` until it is fixed: a
+strict xfail that reports as a pass. (``pytest.mark.xfail`` itself cannot be used here: the
+conftest fails every skipped report, and an xfailed test is reported as skipped.) When a fix
+lands the test fails with "XPASS(strict)"; drop its marker then.
+Fakes are gated with ``threading.Event``; the tests that need ``batch_time_limit`` to pass drive it
+with :class:`batchio.testing.VirtualClock` (asyncio's own loop only: uvloop's clock lives in C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from batchio import Batcher, BatchStalledError, DeviceExecutor, Stages
+from batchio.testing import VirtualClock, wait_all_tasks_blocked
+
+pytestmark = pytest.mark.anyio
+
+GATE_TIMEOUT = 20.0  # a broken test fails instead of hanging
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # VirtualClock
+_names = itertools.count()
+
+
+def known_defect(
+    *, reason: str, raises: type[BaseException] = AssertionError
+) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
+    """A strict xfail for an async test: it passes while the body fails with ``raises`` (the
+    defect reproduces), and fails once the body passes (the defect is fixed: drop the marker).
+    Any other error fails the test as it is, so a broken test is not mistaken for the defect."""
+
+    def mark(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        @functools.wraps(test)
+        async def wrapper(*args: Any, **kwargs: Any) -> None:
+            try:
+                await test(*args, **kwargs)
+            except raises:
+                return  # the known defect, as expected
+            pytest.fail(f"XPASS(strict): fixed, drop @known_defect: {reason}", pytrace=False)
+
+        wrapper.known_defect = reason  # type: ignore[attr-defined]
+        return wrapper
+
+    return mark
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{next(_names)}"
+
+
+async def wait_event(ev: threading.Event) -> None:
+    """Wait for a worker thread to set ``ev``, without blocking the loop."""
+    if not await asyncio.to_thread(ev.wait, GATE_TIMEOUT):
+        raise TimeoutError("the event was never set")
+
+
+def live_threads(prefix: str) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(prefix))
+
+
+async def let_timers_run() -> None:
+    """After ``clock.advance``: the due timers run, then whatever they woke settles."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    await wait_all_tasks_blocked()
+
+
+# -- 1. isolate_errors bisection through the stage tail -------------------------------------------
+
+
+@known_defect(
+    reason="Pipeline._tail bisects the list it handed to assemble: an assemble that sorts its rows "
+    "in place (collation by length) makes the halves line up with the wrong owners, so callers "
+    "get each other's results (call_sync copies the list for this reason; _tail does not)",
+)
+async def test_isolate_bisection_is_not_fooled_by_an_assemble_that_sorts_in_place() -> None:
+    def assemble(rows: list[int]) -> tuple[list[int], list[int]]:
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        rows.sort()  # in place, as a collator sorting by length might
+        return list(rows), order
+
+    def run(batch: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+        values, order = batch
+        if 999 in values:
+            raise RuntimeError("the device refuses 999")
+        return [v * 10 for v in values], order
+
+    def finish(out: tuple[list[int], list[int]]) -> list[int]:
+        values, order = out
+        results = [0] * len(values)
+        for pos, i in enumerate(order):
+            results[i] = values[pos]  # back to the order the rows were given in
+        return results
+
+    stages: Stages[int, int] = Stages(assemble=assemble, run=run, finish=finish)
+    async with Batcher(stages, max_batch_size=4, max_wait=GATE_TIMEOUT, isolate_errors=True) as b:
+        # Without a failure the pipeline is correct: each caller gets its own result.
+        assert list(await asyncio.gather(b(3), b(1), b(2), b(4))) == [30, 10, 20, 40]
+        outcomes = await asyncio.gather(*(b(x) for x in (3, 1, 999, 2)), return_exceptions=True)
+    assert outcomes[0] == 30
+    assert outcomes[1] == 10
+    assert isinstance(outcomes[2], RuntimeError)
+    assert outcomes[3] == 20
+
+
+# -- 2. statistics: a cancelled row whose prepared slot holds an error ------------------------------
+
+
+@known_defect(
+    reason="a plain request cancelled while its batch is prepared, whose prepared slot holds an "
+    "exception, is counted cancelled twice (Pipeline.run fails it, then deliver fails it again; "
+    "a plain future carries no counted mark): pending goes negative",
+)
+async def test_a_cancelled_row_whose_preparation_failed_is_counted_once() -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def prepare(items: list[int]) -> list[Any]:
+        entered.set()
+        gate.wait(GATE_TIMEOUT)
+        return [ValueError(f"bad {x}") if x < 0 else x for x in items]
+
+    stages: Stages[int, int] = Stages(prepare=prepare, run=lambda xs: list(xs))
+    async with Batcher(stages, max_batch_size=2, max_wait=GATE_TIMEOUT) as b:
+        bad = asyncio.ensure_future(b(-1))
+        good = asyncio.ensure_future(b(2))
+        await wait_event(entered)
+        bad.cancel()
+        await wait_all_tasks_blocked()
+        gate.set()
+        assert await good == 2
+        with pytest.raises(asyncio.CancelledError):
+            await bad
+        stats = b.statistics()
+    assert stats.submitted == 2
+    assert (stats.completed, stats.failed, stats.cancelled) == (1, 0, 1)
+    assert stats.pending == 0
+
+
+# -- 3. the shared device: one thread, even when a job still queued on it is abandoned ----------------
+
+
+@known_defect(
+    reason="a bounded aclose abandons the job a batch has queued on a shared DeviceExecutor, and "
+    "abandon() spawns a replacement thread although no thread was stuck in that job: the device "
+    "then runs two jobs at once (another batcher's included)",
+)
+async def test_a_bounded_close_with_a_job_queued_on_a_shared_device_keeps_one_device_thread() -> (
+    None
+):
+    name = unique("rev-gpu")
+    gate = threading.Event()
+    b_gate = threading.Event()
+    a1_on_device = threading.Event()
+    lock = threading.Lock()
+    active = [0, 0]  # running device jobs now, most ever
+
+    def a_run(xs: list[int]) -> list[int]:
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+        try:
+            if 1 in xs:
+                a1_on_device.set()
+                gate.wait(GATE_TIMEOUT)
+            return xs
+        finally:
+            with lock:
+                active[0] -= 1
+
+    def b_run(xs: list[int]) -> list[int]:
+        b_gate.wait(GATE_TIMEOUT)
+        return xs
+
+    try:
+        with DeviceExecutor(name) as gpu:
+            a = Batcher(Stages[int, int](run=a_run, device=gpu), max_batch_size=1, max_wait=0.0)
+            async with a:
+                try:
+                    a1 = asyncio.ensure_future(a(1))
+                    await wait_event(a1_on_device)
+                    a2 = asyncio.ensure_future(a(2))  # queued on the device behind a1
+                    await wait_all_tasks_blocked()
+                    b = Batcher(
+                        Stages[int, int](run=b_run, device=gpu), max_batch_size=1, max_wait=0.0
+                    )
+                    async with b:
+                        b1 = asyncio.ensure_future(b(1))  # queued on the device too
+                        await wait_all_tasks_blocked()
+                        await b.aclose(timeout=0)
+                    with pytest.raises(Exception, match="drain timed out"):
+                        await b1
+                    # Nothing was stuck in b's job (it never started): no second thread is due.
+                    assert live_threads(f"batchio-{name}-") == [f"batchio-{name}-0"]
+                finally:
+                    gate.set()  # (before the batchers close, so a failure cannot wait on it)
+                    b_gate.set()
+                assert list(await asyncio.gather(a1, a2)) == [1, 2]
+        assert active[1] == 1
+    finally:
+        gate.set()
+        b_gate.set()
+
+
+@ASYNCIO_ONLY
+@known_defect(
+    reason="batch_time_limit is counted from the moment a stage job is queued, not started: a job "
+    "still waiting behind a stuck one 'stalls' without ever running (and each such stall spawns "
+    "a replacement thread nobody needed)",
+    raises=BatchStalledError,
+)
+async def test_a_stage_job_that_never_started_does_not_stall() -> None:
+    clock = VirtualClock()
+    gate = threading.Event()
+    stuck_entered = threading.Event()
+
+    def run(xs: list[int]) -> list[int]:
+        if 0 in xs:
+            stuck_entered.set()
+            gate.wait(GATE_TIMEOUT)
+        return [x + 100 for x in xs]
+
+    try:
+        with clock.install():
+            async with Batcher(
+                Stages[int, int](run=run), max_batch_size=1, max_wait=0.0, batch_time_limit=10.0
+            ) as b:
+                stuck = asyncio.ensure_future(b(0))
+                await wait_event(stuck_entered)
+                waiting = asyncio.ensure_future(b(1))  # queued behind the stuck job
+                await wait_all_tasks_blocked()
+                clock.advance(11.0)
+                await let_timers_run()
+                with pytest.raises(BatchStalledError):
+                    await stuck  # it ran 11 s: a real stall
+                # The other never started; its replacement-thread turn comes now.
+                assert await waiting == 101
+    finally:
+        gate.set()
+
+
+@ASYNCIO_ONLY
+@known_defect(
+    reason="on a shared DeviceExecutor, another batcher's slow (not stuck) device job makes this "
+    "batcher's queued job exceed batch_time_limit: it fails as stalled without running, and "
+    "abandoning it spawns a second device thread that runs the other batcher's next job "
+    "concurrently",
+)
+async def test_another_batchers_slow_job_does_not_stall_a_job_queued_on_the_shared_device() -> None:
+    clock = VirtualClock()
+    name = unique("rev-gpu")
+    gate = threading.Event()
+    slow_entered = threading.Event()
+
+    def slow_run(xs: list[int]) -> list[int]:
+        if 1 in xs:
+            slow_entered.set()
+            gate.wait(GATE_TIMEOUT)
+        return xs
+
+    try:
+        with clock.install(), DeviceExecutor(name) as gpu:
+            slow = Batcher(Stages[int, int](run=slow_run, device=gpu), max_batch_size=1, max_wait=0)
+            bounded = Batcher(
+                Stages[int, int](run=lambda xs: [-x for x in xs], device=gpu),
+                max_batch_size=1,
+                max_wait=0.0,
+                batch_time_limit=10.0,
+            )
+            async with slow, bounded:
+                tasks = [asyncio.ensure_future(slow(1))]
+                try:
+                    await wait_event(slow_entered)
+                    tasks.append(asyncio.ensure_future(slow(2)))
+                    tasks.append(mine := asyncio.ensure_future(bounded(5)))
+                    await wait_all_tasks_blocked()
+                    clock.advance(11.0)
+                    await let_timers_run()
+                    assert not mine.done()  # its job has not run at all: it cannot have stalled
+                    assert live_threads(f"batchio-{name}-") == [f"batchio-{name}-0"]
+                finally:
+                    gate.set()  # (before the batchers close, so a failure cannot wait on it)
+                    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                assert outcomes == [1, 2, -5]
+    finally:
+        gate.set()
+
+
+# -- 4. statistics of a staged batcher -----------------------------------------------------------
+
+
+@known_defect(
+    reason="statistics().abandoned_workers reads only the plain batcher's threads: a staged "
+    "batcher whose stage thread is stuck (abandoned and replaced) always reports 0",
+)
+async def test_a_staged_batcher_reports_its_abandoned_stage_thread() -> None:
+    release = threading.Event()
+
+    def run(xs: list[int]) -> list[int]:
+        if 0 in xs:
+            release.wait(GATE_TIMEOUT)
+        return xs
+
+    try:
+        async with Batcher(
+            Stages[int, int](run=run), max_batch_size=1, max_wait=0.0, batch_time_limit=0.05
+        ) as b:
+            with pytest.raises(BatchStalledError):
+                await b(0)
+            stats = b.statistics()
+    finally:
+        release.set()
+    assert stats.stalled_batches == 1
+    assert stats.abandoned_workers == 1  # the device thread is still stuck in the job
+
+
+@known_defect(
+    reason="StageStatistics.jobs/busy_seconds record only jobs whose future gave a result: a stage "
+    "call that raised (each failing half of an isolate_errors bisection) is not counted, though "
+    "it ran and took the stage's time",
+)
+async def test_stage_statistics_count_the_jobs_that_raised() -> None:
+    calls: list[list[int]] = []
+
+    def run(xs: list[int]) -> list[int]:
+        calls.append(list(xs))
+        if 999 in xs:
+            raise RuntimeError("the device refuses 999")
+        return xs
+
+    stages: Stages[int, int] = Stages(run=run)
+    async with Batcher(stages, max_batch_size=4, max_wait=GATE_TIMEOUT, isolate_errors=True) as b:
+        await asyncio.gather(*(b(x) for x in (1, 999, 3, 4)), return_exceptions=True)
+        device = b.statistics().stages[0]
+    assert device.name == "device"
+    assert len(calls) == 5  # [1,999,3,4] -> [1,999] [3,4] -> [1] [999]
+    assert device.jobs == len(calls)
+    assert device.run.count == len(calls)
+
+
+@known_defect(
+    reason="device_busy_fraction reads the batcher's own DeviceExecutor, which close() closes: "
+    "after close it reports 0.0 although the device worked (the lifetime figure is lost)",
+)
+async def test_device_busy_fraction_is_kept_after_close() -> None:
+    hold = threading.Event()
+    entered = threading.Event()
+
+    def run(xs: list[int]) -> list[int]:
+        entered.set()
+        hold.wait(GATE_TIMEOUT)
+        return xs
+
+    async with Batcher(Stages[int, int](run=run), max_wait=0.0) as b:
+        task = asyncio.ensure_future(b(1))
+        await wait_event(entered)
+        hold.set()
+        assert await task == 1
+        assert b.statistics().stages[0].busy_seconds > 0
+    stats = b.statistics()
+    assert stats.stages[0].busy_seconds > 0
+    assert stats.device_busy_fraction is not None
+    assert stats.device_busy_fraction > 0.0
+
+
+# -- 5. errors that are not about any row are bisected anyway ----------------------------------------
+
+
+@known_defect(
+    reason="a closed DeviceExecutor's RuntimeError comes from submitting the job, not from any row, "
+    "yet with isolate_errors the batch is bisected to single rows: assemble runs 2n-1 times for a "
+    "device that can run nothing",
+)
+async def test_a_closed_shared_device_is_not_bisected_row_by_row() -> None:
+    gpu = DeviceExecutor(unique("rev-closed"))
+    gpu.close()
+    assembled: list[int] = []
+
+    def assemble(rows: list[int]) -> list[int]:
+        assembled.append(len(rows))
+        return rows
+
+    stages: Stages[int, int] = Stages(assemble=assemble, run=lambda xs: list(xs), device=gpu)
+    async with Batcher(stages, max_batch_size=8, max_wait=GATE_TIMEOUT, isolate_errors=True) as b:
+        outcomes = await asyncio.gather(*(b(x) for x in range(8)), return_exceptions=True)
+        assert b.healthy
+    assert all(isinstance(o, RuntimeError) and "closed" in str(o) for o in outcomes)
+    assert assembled == [8]
