@@ -23,6 +23,7 @@ from ._exceptions import BatchioError as BatchioError
 from ._exceptions import BatchOutputError as BatchOutputError
 from ._exceptions import BatchSizeMismatchError as BatchSizeMismatchError
 from ._exceptions import BatchStalledError as BatchStalledError
+from ._exceptions import DeviceClosedError as DeviceClosedError
 from ._exceptions import QueueFullError as QueueFullError
 from ._exceptions import RequestTimeoutError as RequestTimeoutError
 from ._options import DEFAULT as DEFAULT
@@ -64,6 +65,7 @@ __all__ = (
     "BatcherStatistics",
     "BatchioError",
     "DefaultTimeout",
+    "DeviceClosedError",
     "DeviceExecutor",
     "Dispatch",
     "MaxSizeOrWait",

@@ -619,7 +619,9 @@ class Batcher(Generic[InT, OutT]):
                 else:
                     threads = cast(WorkerThreads, self._threads)
                     job = batch.job = threads.run(
-                        functools.partial(call_sync, self._fn, isolate=isolate), batch.inputs
+                        functools.partial(call_sync, self._fn, isolate=isolate),
+                        batch.inputs,
+                        notify_start=limit is not None,
                     )
                     batch.pool = threads
                     if limit is None:
@@ -660,19 +662,19 @@ class Batcher(Generic[InT, OutT]):
         self, work: StageWork, fn: Callable[[Any], Any], arg: Any, batch: Batch
     ) -> Any:
         """Run one stage's job for ``batch``: its result, or ``STALLED`` past the time limit."""
-        job = batch.job = work.run(fn, arg)
-        pool = batch.pool = work.threads
-        batch.shared = work.shared
         limit = self._options.batch_time_limit
+        pool = work.threads  # first: a closed shared device refuses here, before anything runs
+        job = batch.job = work.run(pool, fn, arg, notify_start=limit is not None)
+        batch.pool = pool
+        batch.shared = work.shared
         try:
             if limit is None:
-                result = await job.future
-            else:
-                result = await self._within_limit(batch, job, limit, pool)
+                return await job.future
+            return await self._within_limit(batch, job, limit, pool)
         finally:
             batch.job = batch.pool = None
-        work.record(job)
-        return result
+            if job.finished:  # raised or returned; a stalled (abandoned) job is not counted
+                work.record(job)
 
     async def _within_limit(
         self,
@@ -681,10 +683,15 @@ class Batcher(Generic[InT, OutT]):
         limit: float,
         pool: WorkerThreads | None = None,
     ) -> Any:
-        """Await ``work`` for at most ``limit`` seconds; past it, fail the batch as stalled,
-        abandon the work, and return ``STALLED``."""
+        """Await ``work`` for at most ``limit`` seconds from when it starts running; past it,
+        fail the batch as stalled, abandon the work, and return ``STALLED``."""
         fut = work.future if isinstance(work, Job) else work
         try:
+            started = work.started if isinstance(work, Job) else None
+            if started is not None and not started.done():
+                # Waiting for the thread (behind other jobs, or other batchers' on a shared
+                # device) is not running: the limit counts from the start.
+                await asyncio.wait([fut, started], return_when=asyncio.FIRST_COMPLETED)
             done, _ = await asyncio.wait([fut], timeout=limit)
         except asyncio.CancelledError:
             if isinstance(work, Job):
@@ -718,13 +725,17 @@ class Batcher(Generic[InT, OutT]):
         """
         threads = self._threads
         pipeline = self._pipeline
-        stages, busy = pipeline.statistics() if pipeline is not None else ((), None)
+        stages, busy, abandoned = (
+            pipeline.statistics()
+            if pipeline is not None
+            else ((), None, threads.abandoned if threads is not None else 0)
+        )
         return self._tally.snapshot(
             queue_depth=self._room.depth,
             in_flight=self._in_flight,
             healthy=self._broken is None,
             closed=self._closed,
-            abandoned_workers=threads.abandoned if threads is not None else 0,
+            abandoned_workers=abandoned,
             stages=stages,
             device_busy_fraction=busy,
         )

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Final, Literal, TypeAlias, cast, final
 
 from ._checks import check_int
+from ._exceptions import DeviceClosedError
 from ._worker import Job, WorkerThreads
 
 __all__ = ["DeviceExecutor", "Share"]
@@ -25,6 +26,10 @@ Share: TypeAlias = Literal["time", "batches"]
 """How a shared device is divided: by device seconds or by batches, in proportion to weight."""
 
 _SHARES: Final = ("time", "batches")
+
+
+class QueueClosed(RuntimeError):
+    """A job was put on a closed :class:`FairQueue` (internal)."""
 
 
 class Lane:
@@ -65,7 +70,7 @@ class FairQueue:
                 self._stops += 1
             else:
                 if self._closed:
-                    raise RuntimeError("the DeviceExecutor is closed")
+                    raise QueueClosed("the DeviceExecutor is closed")
                 lane: Lane = job.lane
                 if not lane.jobs:
                     # Idle time earns no credit: a lane that wakes up joins at the current level.
@@ -127,7 +132,7 @@ class DeviceExecutor:
         share: ``"time"`` or ``"batches"``: what the weights divide.
     """
 
-    __slots__ = ("_name", "_queue", "_share", "_started", "_threads")
+    __slots__ = ("_final", "_name", "_pool", "_queue", "_share", "_started", "_threads")
 
     def __init__(self, name: str = "device", *, share: Share = "time") -> None:
         if not isinstance(name, str):
@@ -137,8 +142,10 @@ class DeviceExecutor:
         self._name = name
         self._share: Share = share
         self._queue = FairQueue(share)
-        self._threads: WorkerThreads | None = WorkerThreads(1, f"batchio-{name}", self._queue)
+        self._pool = WorkerThreads(1, f"batchio-{name}", self._queue)
+        self._threads: WorkerThreads | None = self._pool  # None once closed
         self._started = time.perf_counter()
+        self._final: tuple[float, float] | None = None  # (busy, wall) seconds when closed
 
     def __repr__(self) -> str:
         state = "closed" if self._threads is None else "open"
@@ -174,17 +181,27 @@ class DeviceExecutor:
         """Refuse new device jobs and let the thread exit once those queued have run."""
         threads = self._threads
         if threads is not None:
+            self._final = (threads.busy_seconds(), time.perf_counter() - self._started)
             self._threads = None
             self._queue.close()
             threads.shutdown()
 
     def busy_fraction(self) -> float:
-        """The share of wall time, since this executor was made, that its thread was working."""
+        """The share of wall time, from when this executor was made until now (or until it was
+        closed), that its thread was working."""
         threads = self._threads
-        wall = time.perf_counter() - self._started
-        if threads is None or wall <= 0:
+        if threads is not None:
+            busy, wall = threads.busy_seconds(), time.perf_counter() - self._started
+        elif self._final is not None:
+            busy, wall = self._final
+        else:  # pragma: no cover - closed implies _final
             return 0.0
-        return min(1.0, threads.busy_seconds() / wall)
+        return min(1.0, busy / wall) if wall > 0 else 0.0
+
+    @property
+    def abandoned(self) -> int:
+        """Device threads left behind in a stalled job that have not returned yet."""
+        return self._pool.abandoned
 
     # -- for the batchers -------------------------------------------------------------------------
 
@@ -197,7 +214,7 @@ class DeviceExecutor:
         """The worker thread (internal); raises once closed."""
         threads = self._threads
         if threads is None:
-            raise RuntimeError(f"{self!r} is closed")
+            raise DeviceClosedError(f"{self!r} is closed")
         return threads
 
     def queued(self, lane: Lane) -> int:

@@ -11,6 +11,7 @@
      ├── BatchOutputError        fn returned something that is not one result per input (TypeError)
      ├── BatchFunctionError      fn raised a BaseException that is not an Exception
      ├── BatchStalledError       the batch ran past batch_time_limit (also a TimeoutError)
+     ├── DeviceClosedError       a device stage met a closed DeviceExecutor (RuntimeError)
      └── RequestTimeoutError     the request's deadline passed (also a TimeoutError)
 
 Errors raised by *your* batch function are delivered to the callers as they are (the same
@@ -28,6 +29,7 @@ __all__ = [
     "BatcherClosedError",
     "BatcherLoopError",
     "BatchioError",
+    "DeviceClosedError",
     "QueueFullError",
     "RequestTimeoutError",
 ]
@@ -143,3 +145,13 @@ class BatchStalledError(BatchioError, TimeoutError):
         super().__init__(
             f"batch stalled: the batch function ran longer than batch_time_limit={limit:g} s"
         )
+
+
+class DeviceClosedError(BatchioError, RuntimeError):
+    """Raised to the requests of a batch whose device stage went to a closed
+    :class:`~batchio.DeviceExecutor`.
+
+    The executor outlives the batchers that share it; close it after them. The batcher itself
+    stays healthy (it may be given work again once it has a device), and the batch is not
+    bisected under ``isolate_errors``: no input caused this.
+    """

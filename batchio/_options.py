@@ -80,7 +80,8 @@ class BatcherOptions:
             the request's timeout.
         timeout: default deadline, in seconds from the call, of each request; ``None`` for none.
             A call overrides it with ``timeout=`` (``None`` there removes it).
-        batch_time_limit: seconds one batch may run before it is declared stalled: its
+        batch_time_limit: seconds one batch may run, from when a worker thread starts it
+            (each stage job, for :class:`~batchio.Stages`), before it is declared stalled: its
             requests fail with :class:`~batchio.BatchStalledError`, the stuck worker is abandoned
             and replaced (an ``async def fn`` is cancelled), and the batcher carries on.
             ``None`` (the default): no limit.

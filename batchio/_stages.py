@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from ._checks import check_int
-from ._devexec import DeviceExecutor, Lane
+from ._devexec import DeviceExecutor, Lane, QueueClosed
+from ._exceptions import DeviceClosedError
 from ._outcomes import Outcomes
 from ._outputs import output_rows
 from ._request import Batch, Owner, Request
@@ -166,12 +167,25 @@ class StageWork:
     @property
     def threads(self) -> WorkerThreads:
         if self._device is not None:
-            return self._device.threads  # raises once the executor is closed
+            return self._device.threads  # raises DeviceClosedError once it is closed
         assert self._threads is not None
         return self._threads
 
-    def run(self, fn: Callable[[Any], Any], arg: Any) -> Job:
-        return self.threads.run(fn, arg, self.lane)
+    @property
+    def abandoned(self) -> int:
+        """Threads of this stage stuck in an abandoned job (a shared device's, all of them)."""
+        if self._device is not None:
+            return self._device.abandoned
+        assert self._threads is not None
+        return self._threads.abandoned
+
+    def run(
+        self, pool: WorkerThreads, fn: Callable[[Any], Any], arg: Any, notify_start: bool
+    ) -> Job:
+        try:
+            return pool.run(fn, arg, self.lane, notify_start)
+        except QueueClosed:  # closed between looking the pool up and queueing the job
+            raise DeviceClosedError(f"{self._device!r} is closed") from None
 
     def record(self, job: Job) -> None:
         self.jobs += 1
@@ -259,11 +273,13 @@ class Pipeline:
         if self._own_device:
             self._device.close()
 
-    def statistics(self) -> tuple[tuple[StageStatistics, ...], float]:
-        """Each stage's statistics, and the device thread's busy fraction."""
+    def statistics(self) -> tuple[tuple[StageStatistics, ...], float, int]:
+        """Each stage's statistics, the device thread's busy fraction, abandoned threads."""
+        works = self._works.values()
         return (
-            tuple(work.statistics() for work in self._works.values()),
+            tuple(work.statistics() for work in works),
             self._device.busy_fraction(),
+            sum(work.abandoned for work in works),
         )
 
     async def run(self, batch: Batch, call: StageCall, isolate: bool) -> Any:
@@ -287,7 +303,8 @@ class Pipeline:
             for i, row in enumerate(prepared):
                 if isinstance(row, BaseException):
                     results[i] = row
-                    fail(owners[i], row)  # now: its caller need not wait for the others
+                    if not futures[i].done():  # a cancelled one is counted at delivery, once
+                        fail(owners[i], row)  # now: its caller need not wait for the others
         live = [i for i in range(n) if not futures[i].done()]
         if live:
             rows = [prepared[i] for i in live]
@@ -310,7 +327,9 @@ class Pipeline:
         n = len(rows)
         stages = self.stages
         size = self._padded_size(n)
-        padded = rows + [rows[-1]] * (size - n) if size > n else rows
+        # Always a new list: a stage may sort or pad what it is given in place, and a bisection
+        # must still cut the rows in their callers' order.
+        padded = [*rows, *[rows[-1]] * (size - n)]
         try:
             assembled: Any = padded
             if stages.assemble is not None:
@@ -327,8 +346,8 @@ class Pipeline:
             if outcomes is STALLED:
                 return STALLED
             return cast(list[Any], outcomes)[:n]
-        except CONTRACT_ERRORS as exc:
-            return [exc] * n  # about what a stage returned, not about any row: no bisection
+        except (*CONTRACT_ERRORS, DeviceClosedError) as exc:
+            return [exc] * n  # not about any row (what a stage returned, no device): no bisection
         except Exception as exc:
             if not isolate or n == 1:
                 return [exc] * n

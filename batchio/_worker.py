@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import queue
 import threading
 import time
@@ -83,7 +84,18 @@ class Job:
     the seconds the call took, set on the worker thread before ``future`` completes.
     """
 
-    __slots__ = ("abandoned", "arg", "elapsed", "finished", "fn", "future", "lane", "loop")
+    __slots__ = (
+        "abandoned",
+        "arg",
+        "elapsed",
+        "finished",
+        "fn",
+        "future",
+        "lane",
+        "loop",
+        "running",
+        "started",
+    )
 
     def __init__(
         self,
@@ -91,6 +103,7 @@ class Job:
         fn: Callable[[Any], Any],
         arg: Any,
         lane: Any = None,
+        notify_start: bool = False,
     ) -> None:
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
@@ -99,7 +112,11 @@ class Job:
         self.lane = lane
         self.elapsed = 0.0
         self.abandoned = False
+        self.running = False  # a thread picked it up (set under the threads' lock)
         self.finished = False
+        # Completes on the loop when a thread picks the job up: a time limit counts from then,
+        # not from the submission (a job may wait behind others for the thread).
+        self.started: asyncio.Future[None] | None = loop.create_future() if notify_start else None
 
 
 class JobQueue(Protocol):
@@ -168,11 +185,20 @@ def _work(shared: _Shared) -> None:
     clock = time.perf_counter
     me = threading.get_ident()
     while (job := jobs.get()) is not None:
-        fn, arg = job.fn, job.arg
-        job.fn = job.arg = None
         started = clock()
         with shared.lock:
+            if job.abandoned:  # given up before it started: nobody waits for it
+                job.fn = job.arg = None
+                continue
+            job.running = True
             shared.running[me] = started
+        fn, arg = job.fn, job.arg
+        job.fn = job.arg = None
+        if job.started is not None:
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.started, True, None)
+            except RuntimeError:  # the loop was closed meanwhile
+                pass
         try:
             outcome: tuple[bool, Any] = (True, fn(arg))  # type: ignore[misc]
         except BaseException as exc:  # delivered to the batch, which decides what to catch
@@ -182,11 +208,14 @@ def _work(shared: _Shared) -> None:
         with shared.lock:  # decided once: either abandoned, or finished in time
             shared.running.pop(me, None)
             shared.busy += elapsed
-            if job.abandoned:
+            abandoned = job.abandoned
+            if abandoned:
                 shared.abandoned -= 1
-                return  # a replacement took this thread's place
-            job.finished = True
-        jobs.charge(job, elapsed)
+            else:
+                job.finished = True
+        jobs.charge(job, elapsed)  # a stalled job's time counts too, on a shared device
+        if abandoned:
+            return  # a replacement took this thread's place
         try:
             job.loop.call_soon_threadsafe(_settle, job.future, *outcome)
         except RuntimeError:  # the loop was closed meanwhile: nobody is waiting
@@ -202,12 +231,12 @@ def _stop(shared: _Shared) -> None:
 class WorkerThreads:
     """``count`` daemon threads that run jobs and report to the job's loop."""
 
-    __slots__ = ("__weakref__", "_name", "_serial", "_shared")
+    __slots__ = ("__weakref__", "_name", "_serials", "_shared")
 
     def __init__(self, count: int, name: str, jobs: JobQueue | None = None) -> None:
         self._shared = _Shared(count, jobs if jobs is not None else FifoQueue())
         self._name = name
-        self._serial = 0
+        self._serials = itertools.count()  # next() is atomic: threads of any loop may spawn
         for _ in range(count):
             self._spawn()
         # Threads exit if the owner forgets to shut them down (e.g. its event loop just ended).
@@ -236,13 +265,15 @@ class WorkerThreads:
             return shared.busy + sum(now - t for t in shared.running.values())
 
     def _spawn(self) -> None:
-        name = f"{self._name}-{self._serial}"
-        self._serial += 1
+        name = f"{self._name}-{next(self._serials)}"
         threading.Thread(target=_work, args=(self._shared,), name=name, daemon=True).start()
 
-    def run(self, fn: Callable[[Any], Any], arg: Any, lane: Any = None) -> Job:
-        """Run ``fn(arg)`` on a worker thread; await the returned job's ``future``."""
-        job = Job(asyncio.get_running_loop(), fn, arg, lane)
+    def run(
+        self, fn: Callable[[Any], Any], arg: Any, lane: Any = None, notify_start: bool = False
+    ) -> Job:
+        """Run ``fn(arg)`` on a worker thread; await the returned job's ``future`` (and, with
+        ``notify_start``, its ``started`` future, done when a thread picks it up)."""
+        job = Job(asyncio.get_running_loop(), fn, arg, lane, notify_start)
         self._shared.jobs.put(job)
         return job
 
@@ -254,6 +285,8 @@ class WorkerThreads:
             if job.abandoned or job.finished:
                 return
             job.abandoned = True
+            if not job.running:
+                return  # still queued: the thread that picks it up skips it, none is stuck
             shared.abandoned += 1
             if not replace:
                 shared.count -= 1

@@ -1,9 +1,10 @@
 """Adversarial review of the staged batcher (Stages, Pipeline) and the shared DeviceExecutor.
 
-Each test pins one defect found in review and is marked :func:`known_defect` until it is fixed: a
-strict xfail that reports as a pass. (``pytest.mark.xfail`` itself cannot be used here: the
-conftest fails every skipped report, and an xfailed test is reported as skipped.) When a fix
-lands the test fails with "XPASS(strict)"; drop its marker then.
+Each test pins one defect found in review (all fixed since): bisection cut by an assemble that
+sorts in place, a queued job abandoned by a bounded close spawning a second device thread, the
+time limit counting the wait for a thread, a cancellation counted twice, stage statistics that
+missed abandoned threads and failed jobs, a busy fraction lost at close, and a closed device
+bisected row by row.
 Fakes are gated with ``threading.Event``; the tests that need ``batch_time_limit`` to pass drive it
 with :class:`batchio.testing.VirtualClock` (asyncio's own loop only: uvloop's clock lives in C).
 """
@@ -11,10 +12,8 @@ with :class:`batchio.testing.VirtualClock` (asyncio's own loop only: uvloop's cl
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -27,28 +26,6 @@ pytestmark = pytest.mark.anyio
 GATE_TIMEOUT = 20.0  # a broken test fails instead of hanging
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # VirtualClock
 _names = itertools.count()
-
-
-def known_defect(
-    *, reason: str, raises: type[BaseException] = AssertionError
-) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
-    """A strict xfail for an async test: it passes while the body fails with ``raises`` (the
-    defect reproduces), and fails once the body passes (the defect is fixed: drop the marker).
-    Any other error fails the test as it is, so a broken test is not mistaken for the defect."""
-
-    def mark(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        @functools.wraps(test)
-        async def wrapper(*args: Any, **kwargs: Any) -> None:
-            try:
-                await test(*args, **kwargs)
-            except raises:
-                return  # the known defect, as expected
-            pytest.fail(f"XPASS(strict): fixed, drop @known_defect: {reason}", pytrace=False)
-
-        wrapper.known_defect = reason  # type: ignore[attr-defined]
-        return wrapper
-
-    return mark
 
 
 def unique(prefix: str) -> str:
@@ -75,11 +52,6 @@ async def let_timers_run() -> None:
 # -- 1. isolate_errors bisection through the stage tail -------------------------------------------
 
 
-@known_defect(
-    reason="Pipeline._tail bisects the list it handed to assemble: an assemble that sorts its rows "
-    "in place (collation by length) makes the halves line up with the wrong owners, so callers "
-    "get each other's results (call_sync copies the list for this reason; _tail does not)",
-)
 async def test_isolate_bisection_is_not_fooled_by_an_assemble_that_sorts_in_place() -> None:
     def assemble(rows: list[int]) -> tuple[list[int], list[int]]:
         order = sorted(range(len(rows)), key=rows.__getitem__)
@@ -113,11 +85,6 @@ async def test_isolate_bisection_is_not_fooled_by_an_assemble_that_sorts_in_plac
 # -- 2. statistics: a cancelled row whose prepared slot holds an error ------------------------------
 
 
-@known_defect(
-    reason="a plain request cancelled while its batch is prepared, whose prepared slot holds an "
-    "exception, is counted cancelled twice (Pipeline.run fails it, then deliver fails it again; "
-    "a plain future carries no counted mark): pending goes negative",
-)
 async def test_a_cancelled_row_whose_preparation_failed_is_counted_once() -> None:
     gate = threading.Event()
     entered = threading.Event()
@@ -147,11 +114,6 @@ async def test_a_cancelled_row_whose_preparation_failed_is_counted_once() -> Non
 # -- 3. the shared device: one thread, even when a job still queued on it is abandoned ----------------
 
 
-@known_defect(
-    reason="a bounded aclose abandons the job a batch has queued on a shared DeviceExecutor, and "
-    "abandon() spawns a replacement thread although no thread was stuck in that job: the device "
-    "then runs two jobs at once (another batcher's included)",
-)
 async def test_a_bounded_close_with_a_job_queued_on_a_shared_device_keeps_one_device_thread() -> (
     None
 ):
@@ -210,12 +172,6 @@ async def test_a_bounded_close_with_a_job_queued_on_a_shared_device_keeps_one_de
 
 
 @ASYNCIO_ONLY
-@known_defect(
-    reason="batch_time_limit is counted from the moment a stage job is queued, not started: a job "
-    "still waiting behind a stuck one 'stalls' without ever running (and each such stall spawns "
-    "a replacement thread nobody needed)",
-    raises=BatchStalledError,
-)
 async def test_a_stage_job_that_never_started_does_not_stall() -> None:
     clock = VirtualClock()
     gate = threading.Event()
@@ -247,12 +203,6 @@ async def test_a_stage_job_that_never_started_does_not_stall() -> None:
 
 
 @ASYNCIO_ONLY
-@known_defect(
-    reason="on a shared DeviceExecutor, another batcher's slow (not stuck) device job makes this "
-    "batcher's queued job exceed batch_time_limit: it fails as stalled without running, and "
-    "abandoning it spawns a second device thread that runs the other batcher's next job "
-    "concurrently",
-)
 async def test_another_batchers_slow_job_does_not_stall_a_job_queued_on_the_shared_device() -> None:
     clock = VirtualClock()
     name = unique("rev-gpu")
@@ -296,10 +246,6 @@ async def test_another_batchers_slow_job_does_not_stall_a_job_queued_on_the_shar
 # -- 4. statistics of a staged batcher -----------------------------------------------------------
 
 
-@known_defect(
-    reason="statistics().abandoned_workers reads only the plain batcher's threads: a staged "
-    "batcher whose stage thread is stuck (abandoned and replaced) always reports 0",
-)
 async def test_a_staged_batcher_reports_its_abandoned_stage_thread() -> None:
     release = threading.Event()
 
@@ -321,11 +267,6 @@ async def test_a_staged_batcher_reports_its_abandoned_stage_thread() -> None:
     assert stats.abandoned_workers == 1  # the device thread is still stuck in the job
 
 
-@known_defect(
-    reason="StageStatistics.jobs/busy_seconds record only jobs whose future gave a result: a stage "
-    "call that raised (each failing half of an isolate_errors bisection) is not counted, though "
-    "it ran and took the stage's time",
-)
 async def test_stage_statistics_count_the_jobs_that_raised() -> None:
     calls: list[list[int]] = []
 
@@ -345,10 +286,6 @@ async def test_stage_statistics_count_the_jobs_that_raised() -> None:
     assert device.run.count == len(calls)
 
 
-@known_defect(
-    reason="device_busy_fraction reads the batcher's own DeviceExecutor, which close() closes: "
-    "after close it reports 0.0 although the device worked (the lifetime figure is lost)",
-)
 async def test_device_busy_fraction_is_kept_after_close() -> None:
     hold = threading.Event()
     entered = threading.Event()
@@ -373,11 +310,6 @@ async def test_device_busy_fraction_is_kept_after_close() -> None:
 # -- 5. errors that are not about any row are bisected anyway ----------------------------------------
 
 
-@known_defect(
-    reason="a closed DeviceExecutor's RuntimeError comes from submitting the job, not from any row, "
-    "yet with isolate_errors the batch is bisected to single rows: assemble runs 2n-1 times for a "
-    "device that can run nothing",
-)
 async def test_a_closed_shared_device_is_not_bisected_row_by_row() -> None:
     gpu = DeviceExecutor(unique("rev-closed"))
     gpu.close()

@@ -18,6 +18,7 @@ from batchio import (
     BatchFunctionError,
     BatchSizeMismatchError,
     BatchStalledError,
+    DeviceClosedError,
     DeviceExecutor,
     RequestTimeoutError,
     Stages,
@@ -392,7 +393,7 @@ async def test_a_closed_device_executor_fails_batches_clearly_and_the_batcher_st
     gpu = DeviceExecutor()
     gpu.close()
     async with Batcher(Stages[int, Any](run=list, device=gpu), max_wait=0.0) as b:
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(DeviceClosedError, match="closed"):
             await b(1)
         assert b.healthy
 

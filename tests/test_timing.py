@@ -176,14 +176,19 @@ async def test_stalled_sync_batch_fails_with_stalled_error_and_the_batcher_carri
         stuck = threading.Event()
         calls: list[list[int]] = []
 
+        entered = threading.Event()
+
         def fn(items: list[int]) -> list[int]:
             calls.append(list(items))
+            entered.set()
             if 0 in items:
                 stuck.wait(30)
             return [2 * x for x in items]
 
         async with Batcher(fn, max_batch_size=2, max_wait=0, batch_time_limit=5.0) as b:
             victims = [asyncio.ensure_future(b(i)) for i in (0, 1)]
+            # The limit counts from when a thread starts the batch: let it start first.
+            assert await asyncio.to_thread(entered.wait, 30)
             await wait_all_tasks_blocked()
             clock.advance(5.0)
             for victim in victims:
