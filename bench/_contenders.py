@@ -40,6 +40,7 @@ __all__ = [
     "DEADLINE",
     "EMBEDDER",
     "EMBEDDER_MBT",
+    "EMBEDDER_MBT_PLAIN",
     "MODEL_ONLY",
     "Contender",
     "batchio_deadline_contender",
@@ -50,8 +51,11 @@ __all__ = [
 
 EMBEDDER = "batchio.SentenceEmbedder"
 EMBEDDER_MBT = "batchio.SentenceEmbedder+mbt"  # with max_batch_tokens (length-sorted micro-batches)
+# The same, with staged=False: one worker thread tokenizes, runs and splits in series (before/after
+# the staged form, side by side in one run).
+EMBEDDER_MBT_PLAIN = "batchio.SentenceEmbedder+mbt[plain]"
 DEADLINE = "batchio+deadline"  # open loop only: timeout = the goodput SLO
-MODEL_ONLY = (EMBEDDER, EMBEDDER_MBT, DEADLINE)
+MODEL_ONLY = (EMBEDDER, EMBEDDER_MBT, EMBEDDER_MBT_PLAIN, DEADLINE)
 
 Opener = Callable[[BatchFn, BatchSpec], contextlib.AbstractAsyncContextManager[Call]]
 
@@ -406,9 +410,18 @@ DIAGNOSTIC: tuple[Contender, ...] = (
 
 
 def embedder_contender(
-    net: Any, tokenizer: Any, *, device: str, max_length: int, max_batch_tokens: int | None = None
+    net: Any,
+    tokenizer: Any,
+    *,
+    device: str,
+    max_length: int,
+    max_batch_tokens: int | None = None,
+    staged: bool = True,
 ) -> Contender:
     """batchio.integrations.transformers.SentenceEmbedder on an already-loaded model.
+
+    Staged by default (tokenizing, assembly, the forward pass and splitting on workers of their
+    own, overlapping); ``staged=False`` is the plain form, all of it in series on one thread.
 
     It brings its own batch function (tokenize, forward, mean-pool, normalise, like
     ``bench/_model.py``) and ignores the one handed to every other contender; its mean batch size
@@ -427,7 +440,7 @@ def embedder_contender(
         emb = SentenceEmbedder(
             net, tokenizer, device=device, max_length=max_length,
             max_batch_size=spec.max_batch_size, max_wait=spec.max_wait,
-            max_batch_tokens=max_batch_tokens,
+            max_batch_tokens=max_batch_tokens, staged=staged,
         )  # fmt: skip
         async with emb:
             yield emb
@@ -436,13 +449,17 @@ def embedder_contender(
         return {
             "max_batch_size": spec.max_batch_size, "max_wait": spec.max_wait,
             "max_length": max_length, "device": device, "max_batch_tokens": max_batch_tokens,
-            "fn": "its own (SentenceEmbedder.embed_batch)",
+            "staged": staged, "fn": "its own (SentenceEmbedder.embed_batch)",
         }  # fmt: skip
 
+    name = EMBEDDER if max_batch_tokens is None else EMBEDDER_MBT
+    if not staged:
+        name = EMBEDDER_MBT_PLAIN if max_batch_tokens is not None else f"{EMBEDDER}[plain]"
     return Contender(
-        EMBEDDER if max_batch_tokens is None else EMBEDDER_MBT,
+        name,
         "batchio.integrations.transformers.SentenceEmbedder"
-        + ("" if max_batch_tokens is None else f"(max_batch_tokens={max_batch_tokens})"),
+        + ("" if max_batch_tokens is None else f"(max_batch_tokens={max_batch_tokens})")
+        + ("" if staged else ", staged=False"),
         open_embedder, options, check, async_fn=False,
     )  # fmt: skip
 

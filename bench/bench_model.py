@@ -29,6 +29,7 @@ from typing import Any, cast
 from ._contenders import (
     EMBEDDER,
     EMBEDDER_MBT,
+    EMBEDDER_MBT_PLAIN,
     MODEL_ONLY,
     Contender,
     by_name,
@@ -118,11 +119,16 @@ def model_contenders(
     plain = None if wanted is None else ",".join(n for n in wanted if n not in MODEL_ONLY)
     out = [c for c in (by_name(plain) if plain != "" else []) if not c.is_floor]
     index = next((i + 1 for i, c in enumerate(out) if c.name == "batchio"), len(out))
-    for name, mbt in ((EMBEDDER, None), (EMBEDDER_MBT, max_batch_tokens)):  # (not DEADLINE)
+    variants = (
+        (EMBEDDER, None, True),
+        (EMBEDDER_MBT, max_batch_tokens, True),
+        (EMBEDDER_MBT_PLAIN, max_batch_tokens, False),
+    )
+    for name, mbt, staged in variants:  # (not DEADLINE)
         if wanted is None or name in wanted:
             emb = embedder_contender(
                 embedder.net, embedder.tokenizer, device=embedder.device,
-                max_length=embedder.max_length, max_batch_tokens=mbt,
+                max_length=embedder.max_length, max_batch_tokens=mbt, staged=staged,
             )  # fmt: skip
             out.insert(index, emb)
             index += 1

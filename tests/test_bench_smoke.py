@@ -143,3 +143,22 @@ def test_pipeline_bench_runs_and_prints_its_last_line(
     assert expected | ({"staged"} if not staged_skipped else set()) == names
     for r in results["rows"]:
         assert r["rows_per_s"]["median"] > 0
+
+
+def test_gpu_bench_runs_on_a_cpu_at_tiny_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench_gpu --quick on the CPU: the forward-only limit and both embedder forms run, and each
+    configuration's line ends with its ratio."""
+    import re
+
+    from bench import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    bench_gpu.main(["--device", "cpu", "--quick", "--json", str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"embedder/forward-only = \d+\.\d\d \(plain \d+\.\d\d\)$", last), last
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["forward_only_rps"] > 0
+    assert row["staged_rps"] > 0
+    assert row["plain_rps"] > 0
