@@ -118,17 +118,6 @@ class Stages(Generic[InT, OutT]):
         """Batches in flight by default: one per stage worker."""
         return self.prepare_workers + 3
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The stages this object has, in the order a batch goes through them."""
-        present = {
-            PREPARE: self.prepare is not None,
-            ASSEMBLE: self.assemble is not None,
-            DEVICE: True,
-            FINISH: True,  # results are always split and checked off the device thread
-        }
-        return tuple(name for name, there in present.items() if there)
-
 
 # -- running a staged batch (internal) -------------------------------------------------------------
 

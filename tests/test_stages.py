@@ -434,3 +434,56 @@ def test_device_executor_options_are_validated() -> None:
         assert 0.0 <= dev.busy_fraction() <= 1.0
     assert dev.busy_fraction() == 0.0
     dev.close()  # twice is fine
+
+
+# -- a stall at any stage of the tail ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["assemble", "finish", "second half"])
+async def test_a_stall_anywhere_in_the_tail_fails_the_batch_and_the_batcher_carries_on(
+    where: str,
+) -> None:
+    release = threading.Event()
+
+    def hang_if(cond: bool) -> None:
+        if cond:
+            release.wait(GATE_TIMEOUT)
+
+    def assemble(rows: list[int]) -> list[int]:
+        hang_if(where == "assemble" and 0 in rows)
+        return rows
+
+    def run(rows: list[int]) -> list[int]:
+        if 999 in rows and len(rows) > 1:
+            raise RuntimeError("bisect me")  # the halves run next: [0] then [999]
+        hang_if(where == "second half" and rows == [999])
+        return rows
+
+    def finish(rows: list[int]) -> list[int]:
+        hang_if(where == "finish" and 0 in rows)
+        return rows
+
+    stages: Stages[int, int] = Stages(assemble=assemble, run=run, finish=finish)
+    try:
+        async with Batcher(
+            stages, max_batch_size=2, max_wait=0.01, batch_time_limit=0.05, isolate_errors=True
+        ) as b:
+            outcomes = await asyncio.gather(b(0), b(999), return_exceptions=True)
+            assert all(isinstance(o, BatchStalledError) for o in outcomes), outcomes
+            assert await b(5) == 5
+            stats = b.statistics()
+    finally:
+        release.set()
+    assert stats.stalled_batches == 1
+    assert stats.pending == 0
+
+
+async def test_a_device_closed_while_a_job_is_being_queued_fails_with_device_closed_error() -> None:
+    from batchio._stages import DEVICE, StageWork
+
+    gpu = DeviceExecutor()
+    work = StageWork(DEVICE, None, device=gpu, lane=gpu.lane("x", 1))
+    pool = work.threads  # looked up while open ...
+    gpu.close()  # ... closed by another batcher's owner before the job is queued
+    with pytest.raises(DeviceClosedError, match="closed"):
+        work.run(pool, list, [1], notify_start=False)
