@@ -24,18 +24,28 @@ from typing import Any, Unpack, cast
 
 import torch
 from transformers import AutoModel, AutoTokenizer
+from transformers.pipelines.fill_mask import FillMaskPipeline
 
 from .. import Batcher, BatcherOptions, BatcherOptionsKw, DeviceExecutor
+from .._options import options_from
 from ._device import DTypeArg
 from ._forward import StagedForward
 from ._isolate import run_isolating
-from ._owner import BatcherOwner, own_batcher
+from ._owner import BatcherOwner
+from ._pipeline import PipelineStages, unstaged_reason
 from ._shapes import LengthBuckets
 from ._tokenize import TextTokenizer, default_max_length, text_problem
 from ._wrap import AUTO, Auto, check_device_executor, make_batcher, resolve_device, setup
 from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide, PreparedRow
 
-__all__ = ["BatchedPipeline", "SentenceEmbedder", "TextEmbeddingFn", "TextTokenizer", "mean_pool"]
+__all__ = [
+    "BatchedPipeline",
+    "PipelineStages",
+    "SentenceEmbedder",
+    "TextEmbeddingFn",
+    "TextTokenizer",
+    "mean_pool",
+]
 
 
 def mean_pool(output: Any, batch: CollatedBatch, *, normalize: bool = True) -> torch.Tensor:
@@ -308,13 +318,31 @@ class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):
 class BatchedPipeline(BatcherOwner[Any, Any]):
     """Batched calls to a ``transformers.pipeline``: ``await classify(text)`` returns its result.
 
-    Each batch is one ``pipe(inputs, batch_size=len(inputs), **call_kwargs)`` call on the
-    batcher's worker thread, so the pipeline pads and runs the batch together. With
-    ``isolate_errors=True`` (the default) a batch that fails is re-run in halves, so a bad input
-    fails only its own request.
+    Each caller gets what the pipeline gives for its input in a list call
+    ``pipe(inputs, batch_size=len(inputs), **call_kwargs)``. By default the batcher is staged
+    (:class:`batchio.Stages`, see :class:`PipelineStages`): ``pipe.preprocess`` runs per input on
+    the prepare thread (an input whose preprocess raises fails alone, at once), the padding
+    (``pad_collate_fn``) on a thread of its own, only ``pipe.forward`` on the device thread, and
+    the split and ``pipe.postprocess`` per input on the finishing thread; the model sees the same
+    batches as in the list call, so the results are the same. Staged are the pipelines whose
+    ``__call__`` adds nothing to a list call that the staged form does not do: text
+    classification, token classification (ner), feature extraction, fill-mask, and any pipeline
+    that keeps ``Pipeline.__call__``. The others (question answering, zero-shot classification,
+    speech recognition, text generation, ...) fall back to the plain form by themselves;
+    :attr:`unstaged_reason` says why. ``staged=False`` always gives the plain form: each batch is
+    one ``pipe(inputs, batch_size=len(inputs), **call_kwargs)`` call on the worker thread.
+
+    With ``isolate_errors=True`` (the default) a batch that fails is re-run in halves, so a bad
+    input fails only its own request.
 
     Args:
         pipe: the pipeline (e.g. ``pipeline("text-classification", model=..., tokenizer=...)``).
+            It runs on its own device (``pipeline(..., device=...)``), in its own dtype
+            (``pipeline(..., dtype=...)``).
+        staged: ``True`` (default) for the staged batcher where the pipeline allows it,
+            ``False`` for the plain one.
+        device_executor: a :class:`batchio.DeviceExecutor` to share one device thread with other
+            batchers (staged only); ``device_weight`` is this pipeline's share of it.
         options: a :class:`batchio.BatcherOptions` to start from; it replaces this wrapper's
             defaults (``isolate_errors`` included), so set what you want in it.
         **kwargs: the options of :class:`batchio.BatcherOptions` by name (``max_batch_size``,
@@ -323,23 +351,58 @@ class BatchedPipeline(BatcherOwner[Any, Any]):
             (``top_k=None``, ``truncation=True``).
     """
 
-    def __init__(self, pipe: Any, *, options: BatcherOptions | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        staged: bool = True,
+        device_executor: DeviceExecutor | None = None,
+        device_weight: int = 1,
+        options: BatcherOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_device_executor(device_executor, staged)
         names = {f.name for f in dataclasses.fields(BatcherOptions)}
         batcher_options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         self.pipe = pipe
         self.call_kwargs = kwargs
-        self.batcher: Batcher[Any, Any] = own_batcher(
-            self.run_batch,
-            options,
-            cast(BatcherOptionsKw, batcher_options),
-            isolate_errors=True,
-            name=f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}",
+        self.unstaged_reason: str | None = unstaged_reason(pipe) if staged else None
+        """Why a ``staged=True`` pipeline runs the plain form (None when it runs staged, or
+        with ``staged=False``)."""
+        self.pipeline_stages: PipelineStages | None = None
+        """The four stages (None in the plain form)."""
+        stages = None
+        if staged and self.unstaged_reason is None:
+            self.pipeline_stages = PipelineStages(pipe, kwargs)
+            stages = self.pipeline_stages.stages(device=device_executor, weight=device_weight)
+        elif device_executor is not None:
+            raise ValueError(
+                f"device_executor needs the staged form, and this pipeline runs the plain one: "
+                f"{self.unstaged_reason}"
+            )
+        name = f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}"
+        defaults: BatcherOptionsKw = {"isolate_errors": True, "name": name}
+        base = options if options is not None else options_from(None, defaults)
+        self.batcher: Batcher[Any, Any] = Batcher(
+            stages if stages is not None else self.run_batch,
+            options=base,
+            **cast(BatcherOptionsKw, batcher_options),
         )
 
+    @property
+    def staged(self) -> bool:
+        """Whether the batcher is staged."""
+        return self.pipeline_stages is not None
+
     def run_batch(self, inputs: list[Any]) -> list[Any]:
-        """The batch function: one pipeline call over ``inputs``, one result per input."""
-        return list(self.pipe(inputs, batch_size=len(inputs), **self.call_kwargs))
+        """The plain batch function: one pipeline call over ``inputs``, one result per input."""
+        out = self.pipe(inputs, batch_size=len(inputs), **self.call_kwargs)
+        if len(inputs) == 1 and isinstance(self.pipe, FillMaskPipeline):
+            # fill-mask unwraps the result of a one-input list call.
+            return [out]
+        return list(out)
 
 
 # Tracebacks and reprs name the public module, not the private one each class lives in.
 TextTokenizer.__module__ = __name__
+PipelineStages.__module__ = __name__
