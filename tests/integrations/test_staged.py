@@ -142,7 +142,12 @@ def test_stages_object() -> None:
     fwd = StagedForward(Recorder())
     stages = fwd.stages(prepare_workers=3)
     assert isinstance(stages, batchio.Stages)
-    assert stages.names == ("prepare", "assemble", "device", "finish")
+    assert (stages.prepare, stages.assemble, stages.run, stages.finish) == (
+        fwd.prepare,
+        fwd.assemble,
+        fwd.run,
+        fwd.finish,
+    )
     assert stages.prepare_workers == 3
 
 
