@@ -159,7 +159,10 @@ class TextEmbeddingFn:
             padding=False,
             return_attention_mask=True,
         )
-        keys = list(encoded.keys())
+        # Only the keys the model takes (as the staged TextTokenizer does): a model without
+        # token_type_ids would otherwise fail every text it is given.
+        wanted = self.model_keys
+        keys = [k for k in encoded if wanted is None or k == "input_ids" or k in wanted]
         return [{key: encoded[key][j] for key in keys} for j in range(len(texts))]
 
 

@@ -140,12 +140,8 @@ class TwoKeyEncoder(torch.nn.Module):
 
 
 @pytest.mark.anyio
-@known_defect(
-    "TextEmbeddingFn (embed_batch, staged=False) passes every tokenizer key to the model; it "
-    "computes model_keys but only the staged TextTokenizer uses them, so a model without "
-    "token_type_ids fails every text in the plain form and works in the staged one"
-)
 async def test_plain_embedder_keeps_to_the_models_keys(tiny_bert: Any, tokenizer: Any) -> None:
+    """A model without token_type_ids embeds the same in the plain and the staged forms."""
     model = TwoKeyEncoder(tiny_bert)
     texts = ["the fox", "a lazy dog sat on the mat"]
     out: dict[bool, list[Any]] = {}
