@@ -116,8 +116,11 @@ def plan_shaped_micro_batches(
 
     A group's cost is ``padded_length(longest) x padded_rows(rows)``, which is what the device
     computes over once lengths and row counts are bucketed, and a group never holds more than
-    ``max_rows`` rows. Rows are sorted longest first (stably). Without any of the three shaping
-    arguments this is exactly :func:`plan_micro_batches`.
+    ``max_rows`` rows. Rows are sorted longest first (stably). A group takes the next row while
+    its cost stays within ``max_batch_tokens`` *or does not grow* (the row fills a padding row):
+    a group whose first row, padded to the smallest batch size, is already over budget fills
+    those padding rows with real ones instead of leaving each row a padded group of its own.
+    Without any of the three shaping arguments this is exactly :func:`plan_micro_batches`.
     """
     if padded_length is None and padded_rows is None and max_rows is None:
         return plan_micro_batches(lengths, max_batch_tokens)
@@ -133,7 +136,15 @@ def plan_shaped_micro_batches(
         if current:
             k = len(current) + 1
             too_many = max_rows is not None and k > max_rows
-            too_big = max_batch_tokens is not None and longest * rows_of(k) > max_batch_tokens
+            # A row that does not grow the padded row count costs nothing (the group is sorted
+            # longest first): even a group over budget on its own takes it, rather than leave it
+            # to a group of its own padded to as many rows.
+            cost = longest * rows_of(k)
+            too_big = (
+                max_batch_tokens is not None
+                and cost > max_batch_tokens
+                and cost > longest * rows_of(k - 1)
+            )
             if too_many or too_big:
                 groups.append(current)
                 current = []

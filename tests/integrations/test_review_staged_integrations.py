@@ -103,10 +103,6 @@ def in_sequence(fwd: StagedForward, rows: list[Any]) -> list[Any]:
 # -- the token-budget planner with padding rows ----------------------------------------------------
 
 
-@known_defect(
-    "plan_shaped_micro_batches splits rows whose one-row padded cost exceeds the budget into "
-    "single-row micro-batches, each then padded to the smallest batch size: 8x the rows computed"
-)
 def test_over_budget_rows_are_not_each_padded_to_a_full_micro_batch() -> None:
     """8 rows of 16 tokens, batch_sizes=(8,), budget 64.
 
