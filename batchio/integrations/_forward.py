@@ -57,7 +57,11 @@ class BatchForward:
             per signature.
         strip_padding: which outputs are per-token, to return only each row's real tokens:
             ``True`` (every tensor whose dimension 1 is the padded length), names or indices of
-            top-level outputs (e.g. ``{"last_hidden_state"}``), or ``False``.
+            top-level outputs (e.g. ``{"last_hidden_state"}``), or ``False``. ``True`` needs a
+            collator without ``length_buckets``: a bucketed length is a fixed rung, which an
+            output that is not per-token can match (a pooled vector of hidden size 256 or 512),
+            and that output would be cut to each row's token count; name the per-token outputs
+            to use both.
         postprocess: ``postprocess(output, batch)`` applied to each micro-batch's output on the
             device (pooling, say), before it is moved and split.
         dtype: cast a module to ``torch.float16`` or ``torch.bfloat16`` (or their names; also
@@ -90,6 +94,14 @@ class BatchForward:
                 model.to(self.placement.dtype)
         self.model = model
         self.collator = collator if collator is not None else Collator()
+        if strip_padding is True and self.collator.length_buckets is not None:
+            raise ValueError(
+                "strip_padding=True cannot be used with length_buckets: it strips every tensor "
+                "whose dimension 1 is the padded length, and a bucketed length can equal the "
+                "width of an output that is not per-token (a pooled vector), which would be cut; "
+                'name the per-token outputs (strip_padding={"last_hidden_state"}) or pass '
+                "length_buckets=None"
+            )
         self.max_batch_tokens = max_batch_tokens
         self.strip_padding: bool | frozenset[str | int] = (
             strip_padding if isinstance(strip_padding, bool) else frozenset(strip_padding)

@@ -131,7 +131,9 @@ class BatchedModule(BatcherOwner[Any, Any]):
             stage of this model and of every other batcher that names it (staged only);
             ``device_weight`` is this model's share of it.
         strip_padding: which outputs are per-token, returned without padding (see
-            :class:`BatchForward`).
+            :class:`BatchForward`). With ``True``, ``length_buckets="auto"`` means no length
+            buckets (``True`` cannot tell a per-token output from one as wide as a bucket);
+            name the per-token outputs to keep the device's buckets.
         postprocess: applied to each micro-batch's output on the device (see :class:`BatchForward`).
         options: a :class:`batchio.BatcherOptions` to start from.
         **batcher_options: any option of :class:`batchio.BatcherOptions` (``max_batch_size``,
@@ -169,7 +171,11 @@ class BatchedModule(BatcherOwner[Any, Any]):
             options,
             batcher_options,
             max_batch_tokens=max_batch_tokens,
-            length_buckets=length_buckets,
+            # strip_padding=True cannot run with length buckets (see BatchForward): the
+            # device's default gives way to it; an explicit choice is refused there.
+            length_buckets=None
+            if strip_padding is True and length_buckets == AUTO
+            else length_buckets,
             batch_sizes=batch_sizes,
             name=type(model).__name__,
         )

@@ -23,11 +23,14 @@ pytest.importorskip("transformers")
 
 import torch
 
+from batchio.integrations import _wrap
 from batchio.integrations.torch import (
+    BatchedModule,
     BatchForward,
     CollatedBatch,
     CollationError,
     Collator,
+    DeviceDefaults,
     StagedForward,
 )
 from batchio.integrations.transformers import SentenceEmbedder
@@ -188,23 +191,39 @@ class PooledRecorder:
         return {"tokens": input_ids * attention_mask, "pooled": pooled}
 
 
-@known_defect(
-    "strip_padding=True strips every tensor whose dim 1 equals the padded length; with length "
-    "buckets that length is a fixed rung, so a pooled output as wide as a rung (hidden 256 or "
-    "512 on the CUDA ladder) is silently truncated to each row's token count"
-)
 def test_length_buckets_do_not_truncate_a_pooled_output_under_strip_padding() -> None:
-    """The same rows give a (16,) pooled vector unbucketed and a (length,) one bucketed at 16."""
+    """strip_padding=True strips what has the padded length in dim 1; with length buckets that
+    length is a fixed rung, which a pooled (rows, 16) vector matches at 16.
+
+    So True with length buckets is refused, in both forms; naming the per-token outputs works
+    with buckets and leaves the pooled vector whole, as True does without buckets.
+    """
     rows = [{"input_ids": ids(1, 2, 3)}, {"input_ids": ids(4, 5, 6, 7, 8)}]
     plain = StagedForward(PooledRecorder(), strip_padding=True)(rows)
     assert [tuple(r["pooled"].shape) for r in plain] == [(16,), (16,)]
-    bucketed = StagedForward(
-        PooledRecorder(), collator=Collator(length_buckets=(16, 32)), strip_padding=True
-    )(rows)
-    assert [r["tokens"].tolist() for r in bucketed] == [[1, 2, 3], [4, 5, 6, 7, 8]]
-    assert [tuple(r["pooled"].shape) for r in bucketed] == [(16,), (16,)], [
-        tuple(r["pooled"].shape) for r in bucketed
-    ]
+    collator = Collator(length_buckets=(16, 32))
+    for forward_type in (StagedForward, BatchForward):
+        with pytest.raises(ValueError, match="strip_padding=True cannot be used with length"):
+            forward_type(PooledRecorder(), collator=collator, strip_padding=True)
+        bucketed = forward_type(PooledRecorder(), collator=collator, strip_padding={"tokens"})(rows)
+        assert [r["tokens"].tolist() for r in bucketed] == [[1, 2, 3], [4, 5, 6, 7, 8]]
+        assert [tuple(r["pooled"].shape) for r in bucketed] == [(16,), (16,)]
+
+
+def test_automatic_length_buckets_give_way_to_strip_padding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The device's default buckets (CUDA's, here faked) are dropped for strip_padding=True only."""
+    monkeypatch.setattr(
+        _wrap, "device_defaults", lambda device: DeviceDefaults(length_buckets=(16,))
+    )
+    assert (
+        BatchedModule(PooledRecorder(), strip_padding=True).forward.collator.length_buckets is None
+    )
+    named = BatchedModule(PooledRecorder(), strip_padding={"tokens"})
+    assert named.forward.collator.length_buckets == (16,)
+    with pytest.raises(ValueError, match="strip_padding=True cannot be used with length"):
+        BatchedModule(PooledRecorder(), strip_padding=True, length_buckets=(16,))
 
 
 # -- length-0 rows ---------------------------------------------------------------------------------
