@@ -280,8 +280,13 @@ class Collator:
         main = [n for k, n in seq_lengths.items() if k in self._main]
         # A row with none of the main sequence's keys is as long as its longest sequence.
         length = main[0] if main else max(seq_lengths.values(), default=0)
+        if seq_lengths and not length:
+            # Alone it would fail the model; next to a longer row it would "succeed" with that
+            # batch's padding as its output. Refuse it here, whatever it is batched with.
+            keys = ", ".join(k for k in seq_lengths if not main or k in self._main)
+            raise CollationError(f"the sequence is empty ({keys} of length 0): no tokens to run")
         mask_key = self.attention_mask
-        if mask_key is not None and mask_key in data and length:
+        if mask_key is not None and mask_key in data:
             length = self._trim_to_mask(data, data[mask_key], length)
         if self.max_length is not None:
             for key, t in data.items():

@@ -156,7 +156,9 @@ class BatchForward:
         batch = self.collator.collate(rows, pin_memory=placement.is_cuda)
         with placement.running():
             data = placement.to_device(batch.data)
-            on_device = CollatedBatch(data, batch.lengths, batch.padded_length, batch.padding_side)
+            on_device = CollatedBatch(
+                data, batch.lengths, batch.padded_length, batch.padding_side, batch.padding_rows
+            )
             output = self.model(**data) if isinstance(data, dict) else self.model(data)
             if self.postprocess is not None:
                 output = self.postprocess(output, on_device)

@@ -156,10 +156,6 @@ async def test_plain_embedder_keeps_to_the_models_keys(tiny_bert: Any, tokenizer
         assert torch.allclose(a, b, atol=1e-5)
 
 
-@known_defect(
-    "BatchForward.run_micro_batch builds the postprocess batch without padding_rows, so a "
-    "postprocess sees batch.rows == real rows while the data holds the padded row count"
-)
 def test_postprocess_sees_the_same_batch_in_both_forms() -> None:
     """A postprocess given the collated batch must see the padding rows the data holds."""
     seen: dict[str, tuple[int, int, int]] = {}
@@ -229,11 +225,6 @@ def test_automatic_length_buckets_give_way_to_strip_padding(
 # -- length-0 rows ---------------------------------------------------------------------------------
 
 
-@known_defect(
-    "a row whose sequence is empty (input_ids of length 0) passes prepare; alone in a "
-    "micro-batch the model raises, batched with a longer row it 'succeeds' with that batch's "
-    "padding as its output: its outcome depends on what it was batched with"
-)
 def test_an_empty_sequence_row_fails_alone_whatever_it_is_batched_with(tiny_bert: Any) -> None:
     """Refused at prepare like an all-zero attention mask, with or without a token budget."""
     rows = [{"input_ids": ids(2, 5, 9, 3)}, {"input_ids": torch.tensor([], dtype=torch.long)}]
