@@ -1,9 +1,8 @@
 """Adversarial review of the staged model wrappers (StagedForward, shapes, TextTokenizer, wrappers).
 
-Each test here pins a defect found in review: it *passes* while the defect is present (its body
-raises ``AssertionError``) and fails with ``XPASS(strict)`` once the defect is fixed, so whoever
-fixes it drops the ``@known_defect`` marker and keeps the test as a regression test. (The suite's
-conftest turns skips and xfails into failures, hence this decorator instead of ``xfail``.)
+Each test here pinned a defect found in review (with a ``@known_defect`` marker that passed while
+the defect was present); the defects are fixed, and the tests stay as regression tests asserting
+the fixed behaviour.
 
 No sleeps, no timing: the fakes are plain callables, and the models are the tiny random-weight
 ones of ``conftest.py``.
@@ -11,10 +10,8 @@ ones of ``conftest.py``.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any
 
 import pytest
 
@@ -37,44 +34,7 @@ from batchio.integrations.transformers import SentenceEmbedder
 
 from .conftest import gather
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
 HOUR = 3600.0
-
-
-def known_defect(reason: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Invert a test: pass while its body fails an assertion, fail once the body passes.
-
-    Works for plain and ``async def`` tests (the wrapper keeps the test's colour and, through
-    ``functools.wraps``, its signature, so fixtures and the anyio plugin still see it).
-    """
-    message = f"XPASS(strict): fixed, drop @known_defect: {reason}"
-
-    def decorate(test: Callable[P, R]) -> Callable[P, R]:
-        if inspect.iscoroutinefunction(test):
-
-            @functools.wraps(test)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-                try:
-                    await test(*args, **kwargs)
-                except AssertionError:
-                    return
-                pytest.fail(message)
-
-            return cast(Callable[P, R], async_wrapper)
-
-        @functools.wraps(test)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-            try:
-                test(*args, **kwargs)
-            except AssertionError:
-                return
-            pytest.fail(message)
-
-        return cast(Callable[P, R], wrapper)
-
-    return decorate
 
 
 def ids(*values: int) -> torch.Tensor:
