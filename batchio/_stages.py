@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import pickle
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from ._checks import check_int
 from ._devexec import DeviceExecutor, Lane, QueueClosed
@@ -24,6 +26,9 @@ from ._outputs import output_rows
 from ._request import Batch, Owner, Request
 from ._stats import SAMPLE_WINDOW, Percentiles, StageStatistics
 from ._worker import CONTRACT_ERRORS, Job, WorkerThreads, call_sync, is_async_callable
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["Stages"]
 
@@ -68,7 +73,7 @@ class Stages(Generic[InT, OutT]):
     While one batch is on the device the next ones are assembled and prepared, so a staged batcher
     keeps several batches in flight: ``max_concurrent_batches`` defaults to
     ``prepare_workers + 3`` here (one per preparing thread, one assembling, one on the device, one
-    finishing).
+    finishing; with ``prepare_processes``, ``max(prepare_workers, prepare_processes) + 3``).
 
     Attributes:
         run: the device stage, ``run(assembled) -> output``. It runs alone on the device thread:
@@ -81,6 +86,15 @@ class Stages(Generic[InT, OutT]):
         finish: ``finish(output) -> results``, one per row given to ``assemble`` (wait for the
             copy, split, convert).
         prepare_workers: threads of the prepare stage (>= 1).
+        prepare_processes: run ``prepare`` in this many worker processes (>= 1; "spawn" start
+            method), out of this process's GIL; ``None`` (the default): on the prepare threads.
+            ``prepare`` must then be picklable (a module-level function, or an object of a
+            module-level class); it is sent once to each process, and each batch's items and
+            prepared rows cross the process boundary by pickle. The prepare threads, at least
+            ``prepare_processes`` of them, each hand one batch to the pool and wait without the
+            GIL. The processes start with the batcher and stop at its close; one that dies fails
+            the batches it held with ``concurrent.futures.process.BrokenProcessPool`` and a new
+            pool takes its place.
         device: a :class:`~batchio.DeviceExecutor` whose one thread runs this batcher's device
             stage, shared fairly with the other batchers that name it. ``None``: the batcher has
             a device thread of its own.
@@ -92,6 +106,7 @@ class Stages(Generic[InT, OutT]):
     assemble: Callable[[list[Any]], Any] | None = None
     finish: Callable[[Any], Sequence[OutT | Exception]] | None = None
     prepare_workers: int = 2
+    prepare_processes: int | None = None
     device: DeviceExecutor | None = None
     weight: int = 1
 
@@ -110,13 +125,32 @@ class Stages(Generic[InT, OutT]):
         fix = object.__setattr__
         fix(self, "prepare_workers", check_int("prepare_workers", self.prepare_workers, minimum=1))
         fix(self, "weight", check_int("weight", self.weight, minimum=1))
+        if self.prepare_processes is not None:
+            count = check_int("prepare_processes", self.prepare_processes, minimum=1)
+            fix(self, "prepare_processes", count)
+            if self.prepare is None:
+                raise TypeError("prepare_processes needs a prepare stage to run in them")
+            try:
+                pickle.dumps(self.prepare)
+            except Exception as exc:
+                raise TypeError(
+                    f"prepare_processes={count} runs prepare in worker processes, so it must "
+                    f"be picklable: a module-level function or an object of a module-level "
+                    f"class (not a lambda, a nested function or a bound method of an object "
+                    f"that holds a lock); pickling {self.prepare!r} failed: {exc}"
+                ) from exc
         if self.device is not None and not isinstance(self.device, DeviceExecutor):
             raise TypeError(f"device must be a batchio.DeviceExecutor, got {self.device!r}")
 
     @property
+    def prepare_threads(self) -> int:
+        """Threads of the prepare stage: ``prepare_workers``, and at least one per process."""
+        return max(self.prepare_workers, self.prepare_processes or 0)
+
+    @property
     def depth(self) -> int:
         """Batches in flight by default: one per stage worker."""
-        return self.prepare_workers + 3
+        return self.prepare_threads + 3
 
 
 # -- running a staged batch (internal) -------------------------------------------------------------
@@ -215,6 +249,8 @@ class Pipeline:
         "_device",
         "_own_device",
         "_padded_size",
+        "_prepare",
+        "_processes",
         "_works",
         "outcomes",
         "stages",
@@ -236,10 +272,17 @@ class Pipeline:
             DeviceExecutor(f"{name}-device") if stages.device is None else stages.device
         )
         works: dict[str, StageWork] = {}
+        self._prepare: Callable[..., list[Any]] | None = None
+        self._processes: PrepareProcesses | None = None
         if stages.prepare is not None:
             works[PREPARE] = StageWork(
-                PREPARE, WorkerThreads(stages.prepare_workers, f"batchio-{name}-prepare")
+                PREPARE, WorkerThreads(stages.prepare_threads, f"batchio-{name}-prepare")
             )
+            if stages.prepare_processes is not None:
+                self._processes = PrepareProcesses(stages.prepare, stages.prepare_processes)
+                self._prepare = self._processes.prepare
+            else:
+                self._prepare = functools.partial(call_sync, stages.prepare)
         if stages.assemble is not None:
             works[ASSEMBLE] = StageWork(ASSEMBLE, WorkerThreads(1, f"batchio-{name}-assemble"))
         if self._own_device:
@@ -259,6 +302,8 @@ class Pipeline:
         for work in self._works.values():
             if not work.shared:
                 work.shutdown()
+        if self._processes is not None:
+            self._processes.shutdown()
         if self._own_device:
             self._device.close()
 
@@ -273,16 +318,15 @@ class Pipeline:
 
     async def run(self, batch: Batch, call: StageCall, isolate: bool) -> Any:
         """Walk ``batch`` through the stages; one outcome per row, or :data:`STALLED`."""
-        stages = self.stages
         inputs = batch.inputs
         n = len(inputs)
         owners, futures = _row_owners(batch)
         results: list[Any] = [_DROPPED] * n
         prepared: Sequence[Any] = inputs
-        if stages.prepare is not None:
+        if self._prepare is not None:
             prepared = await call(
                 self._works[PREPARE],
-                functools.partial(call_sync, stages.prepare, isolate=isolate),
+                functools.partial(self._prepare, isolate=isolate),
                 inputs,
                 batch,
             )
@@ -348,6 +392,126 @@ class Pipeline:
         if second is STALLED:
             return STALLED
         return [*cast(list[Any], first), *cast(list[Any], second)]
+
+
+# -- preparing in worker processes (internal) -------------------------------------------------------
+
+_installed: Callable[[list[Any]], Any] | None = None
+"""In a prepare worker process: the batcher's ``prepare``, installed once when the process starts."""
+
+
+def _install(prepare: Callable[[list[Any]], Any]) -> None:
+    global _installed  # one prepare per worker process, by design
+    _installed = prepare
+
+
+def _prepare_here(inputs: list[Any], isolate: bool) -> list[Any]:
+    """In a worker process: prepare one batch (bisecting a failure there, with ``isolate``)."""
+    assert _installed is not None, "the process pool's initializer did not run"
+    return call_sync(_installed, inputs, isolate)
+
+
+def _noop() -> None:
+    """Submitted once per process at start, so the processes boot before the first batch."""
+
+
+class PrepareProcesses:
+    """The process pool of a staged batcher's prepare stage, and its replacement when it breaks.
+
+    Nothing here runs on the event loop's thread but :meth:`shutdown`, which only hands the
+    stop to a thread: the pool is made, used and stopped on threads (making one writes to a
+    pipe; stopping one joins its processes). :meth:`prepare` runs on a prepare thread: it hands
+    the batch to the pool and waits (without the GIL). A pool that lost a process
+    (``BrokenProcessPool``: killed, ``os._exit``, a crash in native code) fails every batch it
+    held and is replaced by a fresh one, once.
+    """
+
+    __slots__ = ("_closed", "_count", "_fn", "_lock", "_pool", "_running")
+
+    def __init__(self, fn: Callable[[list[Any]], Any], count: int) -> None:
+        self._fn = fn
+        self._count = count
+        self._lock = threading.Lock()
+        self._closed = False
+        self._running = 0  # batches handed to the pool and not back yet
+        self._pool: ProcessPoolExecutor | None = None
+        # Boot the processes now, off the event loop's thread: a spawned interpreter takes a
+        # while to start, and the first batches should not wait for it.
+        _daemon(self._boot, "batchio-prepare-boot")
+
+    def _current(self) -> ProcessPoolExecutor:
+        """The pool, made on first use (under the lock); RuntimeError once shut down."""
+        if self._closed:
+            raise RuntimeError("the batcher's prepare processes were shut down")
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                self._count,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_install,
+                initargs=(self._fn,),
+            )
+        return self._pool
+
+    def _boot(self) -> None:
+        try:
+            with self._lock:
+                pool = self._current()
+            for _ in range(self._count):  # each submit that finds no idle process starts one
+                pool.submit(_noop)
+        except RuntimeError:  # shut down (or broken) before it booted: nothing to boot
+            pass
+
+    def prepare(self, inputs: list[Any], isolate: bool) -> list[Any]:
+        """Prepare one batch in a worker process (called on a prepare thread)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        with self._lock:
+            pool = self._current()
+            self._running += 1
+        try:
+            result: list[Any] = pool.submit(_prepare_here, inputs, isolate).result()
+            return result
+        except BrokenProcessPool as exc:
+            with self._lock:
+                if self._pool is pool:  # not replaced yet by another batch that saw it break
+                    self._pool = None  # the next batch makes a new one
+                    _daemon(functools.partial(_stop, pool, False), "batchio-prepare-stop")
+            raise BrokenProcessPool(
+                "a prepare worker process died (killed, os._exit, or a crash in native code) "
+                "while this batch was being prepared in it; the batch failed, and a new pool of "
+                f"{self._count} process(es) takes its place"
+            ) from exc
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def shutdown(self) -> None:
+        """Stop the processes (on a thread; those stuck in an abandoned job are terminated)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            stuck = self._running > 0
+        if pool is not None:
+            _daemon(functools.partial(_stop, pool, stuck), "batchio-prepare-stop")
+
+
+def _daemon(target: Callable[[], None], name: str) -> None:
+    threading.Thread(target=target, name=name, daemon=True).start()
+
+
+def _stop(pool: ProcessPoolExecutor, terminate: bool) -> None:
+    # The pool keeps its processes private; shutdown(wait=True) joins them, but one stuck in a
+    # job nobody waits for any more (abandoned past batch_time_limit) must be terminated first.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    if terminate:
+        for proc in processes:
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+    for proc in processes:  # a broken pool may not have joined them all
+        proc.join()
 
 
 def _finish(finish: Callable[[Any], Any] | None, rows: int, output: Any) -> list[Any]:

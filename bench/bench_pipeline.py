@@ -10,7 +10,8 @@ splitting) keeps the device busy.
 Contenders, side by side in one run, the same closed-loop clients:
 
 * ``staged``: ``batchio.Batcher(batchio.Stages(prepare=tokenize, assemble=collate, run=device,
-  finish=split))``: preparation on a thread pool, assembly, device and finishing overlapping.
+  finish=split))``: preparation on a thread pool, assembly, device and finishing overlapping
+  (``--prepare-processes N``: tokenizing in N worker processes instead, out of the GIL).
 * ``single-worker``: ``batchio.Batcher(fn)``, fn doing all four in series on its one thread.
 * the best peer of ``docs/benchmarks.md`` (``--peer``, default async-batcher), with the same fn.
 * ``limit``: the device fed tokenized, collated batches of the same size back to back.
@@ -85,6 +86,7 @@ class Setup:
     warm: bool
     prepare_workers: int | None
     loop: Any = "asyncio"
+    prepare_processes: int | None = None
 
 
 Opener = Callable[[Setup, SimulatedDevice], contextlib.AbstractAsyncContextManager[Call]]
@@ -105,9 +107,13 @@ async def _open_staged(s: Setup, device: SimulatedDevice) -> AsyncIterator[Call]
     kw: dict[str, Any] = {}
     if s.prepare_workers is not None:
         kw["prepare_workers"] = s.prepare_workers
-    stages = batchio.Stages(
-        prepare=prep.tokenize, assemble=prep.collate, run=run, finish=finish, **kw
-    )
+    tokenize: Callable[[list[str]], Any] = prep.tokenize
+    if s.prepare_processes is not None:
+        # Sent once to each worker process (the Preparation pickles with its tokenizer); rows
+        # come back as lists, which unpickle faster than small arrays.
+        kw["prepare_processes"] = s.prepare_processes
+        tokenize = prep.tokenize_lists
+    stages = batchio.Stages(prepare=tokenize, assemble=prep.collate, run=run, finish=finish, **kw)
     batcher = batchio.Batcher(
         stages, max_batch_size=s.spec.max_batch_size, max_wait=s.spec.max_wait
     )
@@ -282,7 +288,7 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
     model = fit_h100([tokens[t] for t in sentences])
     s = Setup(
         prep, sentences, spec, a.clients, a.requests, warm=not a.cold,
-        prepare_workers=a.prepare_workers, loop=a.loop,
+        prepare_workers=a.prepare_workers, loop=a.loop, prepare_processes=a.prepare_processes,
     )  # fmt: skip
     skipped: dict[str, str] = {}
     openers: list[tuple[str, Opener]] = []
@@ -371,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer", default="async-batcher",
                    help="peer(s) from bench/_contenders.py, comma-separated ('' for none)")  # fmt: skip
     p.add_argument("--prepare-workers", type=int, default=None, help="staged: prepare threads")
+    p.add_argument("--prepare-processes", type=int, default=None,
+                   help="staged: tokenize in N worker processes (Stages(prepare_processes=N))")  # fmt: skip
     p.add_argument("--max-length", type=int, default=128, help="tokenizer truncation")
     p.add_argument("--corpus-size", type=int, default=2048)
     p.add_argument("--no-buckets", action="store_true", help="pad to the longest row instead")

@@ -129,19 +129,24 @@ class TextTokenizer:
         if self._encode is None:
             return self._encode_with_call(texts)
         encodings = self._encode(list(texts))
-        lengths = [len(e.ids) for e in encodings]
-        # One list -> array conversion for the batch, then views per row: per-row tensor
-        # construction costs more than the encoding itself for short texts.
-        ids = _flat(e.ids for e in encodings)
-        columns: dict[str, list[torch.Tensor]] = {"input_ids": _split(ids, lengths)}
+        # Under the GIL from here: every ``Encoding.ids`` read builds a new Python list, so each
+        # is read once, and one list -> array conversion for the batch, then views per row
+        # (per-row tensor construction costs more than the encoding itself for short texts).
+        id_lists = [e.ids for e in encodings]
+        lengths = list(map(len, id_lists))
+        total = sum(lengths)
+        columns: dict[str, list[torch.Tensor]] = {
+            "input_ids": _split(_flat(id_lists, total), lengths)
+        }
         for key in self.keys:
             if key == "token_type_ids":
-                columns[key] = _split(_flat(e.type_ids for e in encodings), lengths)
+                columns[key] = _split(_flat([e.type_ids for e in encodings], total), lengths)
             elif key == "attention_mask":
                 # No padding: every token is real.
-                columns[key] = _split(torch.ones(len(ids), dtype=torch.long), lengths)
+                columns[key] = _split(torch.ones(total, dtype=torch.long), lengths)
             elif key == "special_tokens_mask":
-                columns[key] = _split(_flat(e.special_tokens_mask for e in encodings), lengths)
+                masks = [e.special_tokens_mask for e in encodings]
+                columns[key] = _split(_flat(masks, total), lengths)
         keys = [k for k in self.keys if k in columns]
         return [{k: columns[k][j] for k in keys} for j in range(len(encodings))]
 
@@ -160,8 +165,9 @@ class TextTokenizer:
         ]
 
 
-def _flat(lists: Any) -> torch.Tensor:
-    return torch.from_numpy(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64))
+def _flat(lists: list[list[int]], total: int) -> torch.Tensor:
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+    return torch.from_numpy(flat)
 
 
 def _split(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
