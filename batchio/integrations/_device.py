@@ -5,7 +5,9 @@ CUDA stream the worker owns, the forward pass is queued on that stream, and outp
 the same way. The plain worker waits for its stream once per micro-batch; the staged one records a
 CUDA event after the copies and returns, and its finishing thread waits on that event (not on the
 stream, which by then holds the next batch's work). Owning a stream keeps this model's copies and
-kernels off the default stream, where other models or the application may be working.
+kernels off the default stream, where other models or the application may be working. Outputs
+that stay on a CUDA device are cast and split on a second stream the worker owns, after marking
+them in use there (``record_stream``), and waited for: see :meth:`Placement.finish_outputs`.
 
 This module also holds the device-derived defaults of the model wrappers
 (:func:`device_defaults`) and the ``dtype`` option (:func:`checked_dtype`).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -134,7 +136,7 @@ class Placement:
         output_device: where outputs are returned; ``None`` leaves them on ``device``.
     """
 
-    __slots__ = ("_lock", "_stream", "device", "dtype", "output_device")
+    __slots__ = ("_finish_streams", "_lock", "_stream", "device", "dtype", "output_device")
 
     def __init__(
         self,
@@ -149,6 +151,7 @@ class Placement:
         self.output_device = None if output_device is None else torch.device(output_device)
         self.dtype = checked_dtype(dtype, self.device)
         self._stream: Any = None
+        self._finish_streams: dict[torch.device, Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -161,6 +164,64 @@ class Placement:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
             return self._stream
+
+    def _finish_stream(self, device: torch.device) -> Any:  # pragma: no cover - needs CUDA
+        with self._lock:
+            stream = self._finish_streams.get(device)
+            if stream is None:
+                stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+                self._finish_streams[device] = stream
+            return stream
+
+    @property
+    def outputs_may_be_on_cuda(self) -> bool:
+        """True when outputs can stay on a CUDA device (``output_device`` None or CUDA)."""
+        out = self.output_device
+        return self.is_cuda and (out is None or out.type == "cuda")
+
+    def finish_outputs(self, tree: Any, finish: Callable[[Any], list[Any]]) -> list[Any]:
+        """``finish(tree)`` (the cast to float32 and the split of one micro-batch's output).
+
+        Call it once the outputs are complete (after :meth:`to_output`, or once the event of
+        :meth:`to_output_started` has completed). Outputs on the CPU are finished here, as they
+        are. Outputs left on a CUDA device were allocated on the worker's stream, and the caching
+        allocator may hand their memory to the worker's next micro-batch as soon as they are
+        freed: so the casts and copies run on a finishing stream of this worker (one per
+        device), each source tensor is marked in use there (``record_stream``) before it can be
+        freed, and this waits for that stream's work, so the results handed on are complete.
+        """
+        if not self.outputs_may_be_on_cuda:
+            return finish(tree)
+        return self._finish_on_cuda(tree, finish)  # pragma: no cover - needs a CUDA device
+
+    def _finish_on_cuda(
+        self, tree: Any, finish: Callable[[Any], list[Any]]
+    ) -> list[Any]:  # pragma: no cover - needs a CUDA device
+        on_cuda: list[torch.Tensor] = []
+
+        def collect(t: torch.Tensor) -> torch.Tensor:
+            if t.is_cuda:
+                on_cuda.append(t)
+            return t
+
+        tree_map(collect, tree)
+        if not on_cuda:
+            return finish(tree)
+        streams = {t.device: self._finish_stream(t.device) for t in on_cuda}
+        with contextlib.ExitStack() as stack:
+            for stream in streams.values():
+                stack.enter_context(torch.cuda.stream(stream))
+            for t in on_cuda:
+                t.record_stream(streams[t.device])
+            out = finish(tree)
+            events = []
+            for stream in streams.values():
+                event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+                event.record(stream)
+                events.append(event)
+        for event in events:
+            event.synchronize()
+        return out
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:

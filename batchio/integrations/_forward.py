@@ -163,15 +163,18 @@ class BatchForward:
             if self.postprocess is not None:
                 output = self.postprocess(output, on_device)
             output = placement.to_output(output)
-        output = placement.as_float32(output)
-        return split_output(
-            drop_padding_rows(output, batch),
-            len(rows),
-            lengths=batch.lengths,
-            padded_length=batch.padded_length,
-            padding_side=batch.padding_side,
-            strip_padding=self.strip_padding,
-        )
+
+        def split(out: Any) -> list[Any]:
+            return split_output(
+                drop_padding_rows(placement.as_float32(out), batch),
+                len(rows),
+                lengths=batch.lengths,
+                padded_length=batch.padded_length,
+                padding_side=batch.padding_side,
+                strip_padding=self.strip_padding,
+            )
+
+        return placement.finish_outputs(output, split)
 
 
 class MicroBatch:
@@ -219,8 +222,9 @@ class StagedForward(BatchForward):
       (``non_blocking``, on this worker's CUDA stream), forward under ``inference_mode``,
       ``postprocess``, start the copies out to pinned CPU memory, record a CUDA event. Nothing
       here waits for the device.
-    - :meth:`finish` (CPU): wait on each micro-batch's event, drop padding rows, cast reduced
-      precision outputs to float32, split into rows and put them back in the order given.
+    - :meth:`finish` (CPU): wait on each micro-batch's event, cast reduced precision outputs to
+      float32, split into rows and put them back in the order given (outputs left on CUDA are
+      cast and split on a finishing stream, waited for: see :meth:`Placement.finish_outputs`).
 
     On the CPU the same code runs without streams or events.
 
@@ -336,15 +340,7 @@ class StagedForward(BatchForward):
                 try:
                     if mb.event is not None:  # pragma: no cover - needs a CUDA device
                         mb.event.synchronize()
-                    batch = mb.batch
-                    outs = split_output(
-                        self.placement.as_float32(mb.output),
-                        batch.real_rows,
-                        lengths=batch.lengths,
-                        padded_length=batch.padded_length,
-                        padding_side=batch.padding_side,
-                        strip_padding=self.strip_padding,
-                    )
+                    outs = self.placement.finish_outputs(mb.output, self._splitter(mb.batch))
                 except Exception as exc:
                     outs = [exc] * len(mb.positions)
             for i, out in zip(mb.positions, outs, strict=True):
@@ -352,6 +348,19 @@ class StagedForward(BatchForward):
             # Release the pinned buffers and outputs now, not when the whole batch is dropped.
             mb.batch = mb.output = mb.event = None
         return results
+
+    def _splitter(self, batch: CollatedBatch) -> Callable[[Any], list[Any]]:
+        def split(output: Any) -> list[Any]:
+            return split_output(
+                self.placement.as_float32(output),
+                batch.real_rows,
+                lengths=batch.lengths,
+                padded_length=batch.padded_length,
+                padding_side=batch.padding_side,
+                strip_padding=self.strip_padding,
+            )
+
+        return split
 
     def stages(
         self, *, prepare_workers: int = 2, device: Any = None, weight: int = 1
