@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import pickle
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -130,6 +129,8 @@ class Stages(Generic[InT, OutT]):
             fix(self, "prepare_processes", count)
             if self.prepare is None:
                 raise TypeError("prepare_processes needs a prepare stage to run in them")
+            import pickle  # only here: `import batchio` stays light
+
             try:
                 pickle.dumps(self.prepare)
             except Exception as exc:
