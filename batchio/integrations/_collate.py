@@ -359,7 +359,8 @@ class Collator:
         Each sequence key is padded to its own longest row (bucketed by ``length_buckets``);
         ``padded_length`` is the main sequence's. With ``batch_sizes``, padding rows follow the
         real ones. ``pin_memory=True`` builds the batch in page-locked memory, for a fast,
-        asynchronous copy to a CUDA device.
+        asynchronous copy to a CUDA device (rows already on a device are
+        collated there, unpinned: only CPU memory can be pinned).
         """
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
@@ -389,7 +390,11 @@ class Collator:
                 if mask_key is not None
                 else self._build_mask(lengths, longest, rows=total)
             )
-            out[pos_key] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            if pin_memory and positions.device.type == "cpu":  # pragma: no cover - needs CUDA
+                # Pinned like the rest of the batch, or its copy to the device is a blocking one.
+                positions = positions.pin_memory()
+            out[pos_key] = positions
         return CollatedBatch(out, lengths, longest, self.padding_side, extra)
 
     def _pad(
@@ -406,7 +411,7 @@ class Collator:
             value,
             dtype=t0.dtype,
             device=t0.device,
-            pin_memory=pin_memory,
+            pin_memory=pin_memory and t0.device.type == "cpu",
         )
         right = self.padding_side == "right"
         for i, t in enumerate(column):
@@ -431,12 +436,16 @@ class Collator:
 
 
 def _stack(column: list[torch.Tensor], rows: int, pin_memory: bool) -> torch.Tensor:
-    """Stack same-shaped tensors; rows past ``len(column)`` (padding rows) are zeros."""
+    """Stack same-shaped tensors; rows past ``len(column)`` (padding rows) are zeros.
+
+    ``pin_memory`` pins CPU tensors only (rows already on a device stay there).
+    """
+    t0 = column[0]
+    pin = pin_memory and t0.device.type == "cpu"
     if rows == len(column):
         stacked = torch.stack(column)
-        return stacked.pin_memory() if pin_memory else stacked
-    t0 = column[0]
-    buf = torch.zeros((rows, *t0.shape), dtype=t0.dtype, device=t0.device, pin_memory=pin_memory)
+        return stacked.pin_memory() if pin else stacked
+    buf = torch.zeros((rows, *t0.shape), dtype=t0.dtype, device=t0.device, pin_memory=pin)
     torch.stack(column, out=buf[: len(column)])
     return buf
 

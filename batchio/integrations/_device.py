@@ -237,16 +237,29 @@ class Placement:
         """Move every tensor of ``tree`` to ``device`` (asynchronously from pinned memory).
 
         With ``dtype``, floating-point inputs (``inputs_embeds``, say) are cast to it, as the
-        model was.
+        model was, once on the device: a copy that also changes the dtype would go from pinned
+        memory through a pageable temporary, synchronously. Inputs already on the CUDA device
+        were written on another stream (the collating thread's): this worker's stream waits for
+        that stream and marks them in use (``record_stream``).
         """
         device, dtype = self.device, self.dtype
         if device is None and dtype is None:
             return tree
-        non_blocking = self.is_cuda
+        is_cuda = self.is_cuda
+        waited = False
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            cast = dtype if dtype is not None and t.is_floating_point() else None
-            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+            nonlocal waited
+            if is_cuda and t.device == device:  # pragma: no cover - needs a CUDA device
+                stream = self._cuda_stream()
+                if not waited:
+                    stream.wait_stream(torch.cuda.default_stream(t.device))
+                    waited = True
+                t.record_stream(stream)
+            moved = t.to(device=device, non_blocking=is_cuda)
+            if dtype is not None and moved.is_floating_point() and moved.dtype != dtype:
+                moved = moved.to(dtype)
+            return moved
 
         return tree_map(move, tree)
 
@@ -270,7 +283,8 @@ class Placement:
             tree = tree_map(lambda t: t.to(out_device, non_blocking=non_blocking), tree)
         if not self.is_cuda:
             return tree, None
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # pragma: no cover - CUDA
+        # blocking=True: synchronize() sleeps on the event instead of spinning a CPU core.
+        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]  # pragma: no cover
         event.record(self._cuda_stream())  # pragma: no cover - needs a CUDA device
         return tree, event  # pragma: no cover - needs a CUDA device
 

@@ -88,10 +88,9 @@ class BatchForward:
         self.placement = Placement(device, output_device, dtype)
         if isinstance(model, torch.nn.Module):
             model.eval()
-            if self.placement.device is not None:
-                model.to(self.placement.device)
-            if self.placement.dtype is not None:
-                model.to(self.placement.dtype)
+            if self.placement.device is not None or self.placement.dtype is not None:
+                # One call: moving, then casting, would hold the float32 and the cast copy at once.
+                model.to(device=self.placement.device, dtype=self.placement.dtype)
         self.model = model
         self.collator = collator if collator is not None else Collator()
         if strip_padding is True and self.collator.length_buckets is not None:

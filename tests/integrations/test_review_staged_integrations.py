@@ -196,3 +196,49 @@ def test_an_empty_sequence_row_fails_alone_whatever_it_is_batched_with(tiny_bert
     assert all(isinstance(o, CollationError) for o in outcomes.values()), {
         b: type(o).__name__ for b, o in outcomes.items()
     }
+
+
+# -- what the CUDA review found, as far as the CPU shows it ----------------------------------------
+
+
+def test_pinning_leaves_rows_that_are_not_on_the_cpu_where_they_are() -> None:
+    """collate(pin_memory=True) pins CPU tensors only: rows already on a device (CUDA; the meta
+    device here, which refuses pinning the same way) are collated there."""
+    c = Collator(attention_mask=None)
+    tensor_rows = [c.prepare(torch.zeros(3, device="meta")) for _ in range(2)]
+    batch = c.collate(tensor_rows, pin_memory=True)
+    assert isinstance(batch.data, torch.Tensor)
+    assert (batch.data.device.type, tuple(batch.data.shape)) == ("meta", (2, 3))
+    mapping_rows = [
+        c.prepare({"input_ids": torch.zeros(n, dtype=torch.long, device="meta"), "x": ids(1)})
+        for n in (2, 4)
+    ]
+    stacked = c.collate(mapping_rows, pin_memory=False)
+    assert isinstance(stacked.data, dict)
+    assert tuple(stacked.data["input_ids"].shape) == (2, 4)
+    batch = Collator(attention_mask=None, batch_sizes=(4,)).collate(
+        [c.prepare(torch.zeros(3, device="meta"))], pin_memory=True
+    )
+    assert isinstance(batch.data, torch.Tensor)
+    assert (batch.data.device.type, batch.padding_rows) == ("meta", 3)
+
+
+class CountingModule(torch.nn.Module):
+    """Records each ``.to(...)`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.moves: list[dict[str, Any]] = []
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.moves.append(dict(kwargs, args=args))
+        return super().to(*args, **kwargs)
+
+
+def test_a_module_is_moved_and_cast_in_one_call() -> None:
+    """Moving then casting would hold the float32 weights and the cast copy at once."""
+    model = CountingModule()
+    BatchForward(model, device="cpu", dtype="bfloat16")
+    assert model.moves == [{"args": (), "device": torch.device("cpu"), "dtype": torch.bfloat16}]
+    assert model.linear.weight.dtype == torch.bfloat16
