@@ -66,7 +66,8 @@ class BatcherOptions:
             batch is dispatched (finite, >= 0; ``0`` dispatches whenever a batch slot is free).
         max_concurrent_batches: batches that may run at once, and worker threads for a sync
             ``fn`` (an ``int`` >= 1). ``None`` (the default): 1 for a batch function, and the
-            pipeline depth (``prepare_workers + 3``) for :class:`~batchio.Stages`.
+            pipeline depth (``Stages.depth``: one batch per prepare thread, plus three) for
+            :class:`~batchio.Stages`.
         allowed_batch_sizes: the only batch sizes ``fn`` (or the stages) may see, in rows, e.g.
             ``(8, 16, 32, 64)``: a batch is padded up to the next allowed size by repeating its
             last row, and the padding rows' results are dropped (they never reach a caller).
