@@ -231,7 +231,7 @@ class CountingModule(torch.nn.Module):
         self.linear = torch.nn.Linear(2, 2)
         self.moves: list[dict[str, Any]] = []
 
-    def to(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> Any:
         self.moves.append(dict(kwargs, args=args))
         return super().to(*args, **kwargs)
 
