@@ -10,13 +10,14 @@ import asyncio
 import multiprocessing
 import os
 import pickle
+import threading
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
 from typing import Any
 
 import pytest
 
-from batchio import Batcher, Stages
+from batchio import Batcher, BatchStalledError, Stages
 
 pytestmark = pytest.mark.anyio
 
@@ -45,6 +46,13 @@ def prepare_raising(items: list[int]) -> list[int]:
     """Raise for a whole batch that holds a 13 (bisected with ``isolate_errors``)."""
     if 13 in items:
         raise KeyError(13)
+    return [x * 10 for x in items]
+
+
+def prepare_or_hang(items: list[int]) -> list[int]:
+    """Never return for a negative item (a stuck native call, say); the others times ten."""
+    if any(x < 0 for x in items):
+        threading.Event().wait()  # only terminating the process ends this
     return [x * 10 for x in items]
 
 
@@ -125,6 +133,21 @@ async def test_close_leaves_no_child_process() -> None:
     assert 1 <= len(workers) <= 2
     for proc in workers:
         # Ready once the process has ended (the pool's stop thread may be the one to reap it).
+        assert wait([proc.sentinel], JOIN_TIMEOUT) == [proc.sentinel], proc
+
+
+async def test_a_worker_stuck_past_the_time_limit_is_terminated_at_close() -> None:
+    """A prepare that never returns stalls its batch; the batcher carries on in the pool's other
+    process, and closing terminates the stuck one instead of waiting for it forever."""
+    before = set(multiprocessing.active_children())
+    stages: Stages[int, Any] = Stages(prepare=prepare_or_hang, run=run_rows, prepare_processes=2)
+    async with Batcher(stages, max_batch_size=1, max_wait=0, batch_time_limit=3.0) as batcher:
+        with pytest.raises(BatchStalledError):
+            await batcher(-1)
+        assert await batcher(2) == 20
+        workers = set(multiprocessing.active_children()) - before
+    assert workers
+    for proc in workers:
         assert wait([proc.sentinel], JOIN_TIMEOUT) == [proc.sentinel], proc
 
 
