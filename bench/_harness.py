@@ -34,18 +34,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 __all__ = [
     "BatchSpec",
     "Call",
     "ClosedLoopResult",
     "CountingFn",
+    "FloorIntake",
     "IdleLatencyResult",
     "LoopName",
     "OpenLoopResult",
     "Progress",
     "closed_loop",
+    "consuming",
+    "floor_intake",
     "fmt_range",
     "idle_latency",
     "machine_info",
@@ -157,6 +160,63 @@ class CountingFn:
 # -- the raw asyncio floor ---------------------------------------------------------------------
 
 
+class FloorIntake(NamedTuple):
+    """A floor's queue (:func:`floor_intake`): what callers and its one consumer share."""
+
+    call: Call
+    """Queue ``(future, item)``, wake the consumer if it waits, and await the future."""
+    wait: Callable[[], Awaitable[None]]
+    """Return once something is queued (at once, without yielding, if something already is)."""
+    take: Callable[[], list[tuple[asyncio.Future[Any], Any]]]
+    """Remove and return the next chunk: up to ``size`` of the oldest ``(future, item)`` pairs."""
+
+
+def floor_intake(
+    size: int, new_future: Callable[[], asyncio.Future[Any]] | None = None
+) -> FloorIntake:
+    """The floors' intake: a list of ``(future, item)`` and a future that wakes the consumer.
+
+    ``new_future`` replaces ``loop.create_future`` for the callers' futures. Call it on the loop.
+    """
+    loop = asyncio.get_running_loop()
+    create_future = new_future or loop.create_future
+    pending: list[tuple[asyncio.Future[Any], Any]] = []
+    wake: list[asyncio.Future[None] | None] = [None]
+
+    async def wait() -> None:
+        while not pending:
+            waiter = wake[0] = loop.create_future()
+            await waiter
+
+    def take() -> list[tuple[asyncio.Future[Any], Any]]:
+        chunk = pending[:size]
+        del pending[:size]
+        return chunk
+
+    async def call(item: Any) -> Any:
+        fut = create_future()
+        pending.append((fut, item))
+        waiter = wake[0]
+        if waiter is not None:
+            wake[0] = None
+            waiter.set_result(None)
+        return await fut
+
+    return FloorIntake(call, wait, take)
+
+
+@contextlib.asynccontextmanager
+async def consuming(consumer: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run ``consumer`` as a task for the block; at its end, cancel the task and wait for it."""
+    task = asyncio.get_running_loop().create_task(consumer)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @contextlib.asynccontextmanager
 async def open_floor(
     fn: BatchFn,
@@ -178,21 +238,15 @@ async def open_floor(
     ``loop.create_future`` (``bench.micro`` measures a ``Future`` subclass with it).
     """
     loop = asyncio.get_running_loop()
-    create_future = new_future or loop.create_future
     pool = ThreadPoolExecutor(max_workers=1) if thread else None
-    size = spec.max_batch_size
-    pending: list[tuple[asyncio.Future[Any], Any]] = []
-    wake: list[asyncio.Future[None] | None] = [None]
+    intake = floor_intake(spec.max_batch_size, new_future)
     is_async = inspect.iscoroutinefunction(fn)
 
     async def consumer() -> None:
+        wait, take = intake.wait, intake.take
         while True:
-            if not pending:
-                waiter = wake[0] = loop.create_future()
-                await waiter
-                continue
-            chunk = pending[:size]
-            del pending[:size]
+            await wait()
+            chunk = take()
             inputs = [item for _, item in chunk]
             if is_async:
                 outputs = await fn(inputs)
@@ -203,22 +257,10 @@ async def open_floor(
             for (fut, _), out in zip(chunk, outputs, strict=True):
                 fut.set_result(out)
 
-    async def call(item: Any) -> Any:
-        fut = create_future()
-        pending.append((fut, item))
-        waiter = wake[0]
-        if waiter is not None:
-            wake[0] = None
-            waiter.set_result(None)
-        return await fut
-
-    task = loop.create_task(consumer())
     try:
-        yield call
+        async with consuming(consumer()):
+            yield intake.call
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         if pool is not None:
             pool.shutdown(wait=True)
 

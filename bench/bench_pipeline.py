@@ -47,6 +47,8 @@ from ._harness import (
     Call,
     Progress,
     closed_loop,
+    consuming,
+    floor_intake,
     fmt_range,
     machine_info,
     percentile,
@@ -56,6 +58,7 @@ from ._harness import (
 )
 from ._simdevice import Collated, FloatArray, Preparation, SimulatedDevice, fit_h100
 from ._workloads import run_configs
+from .report import PIPELINE_HEADERS, pipeline_rows
 
 __all__ = ["main", "run_pipeline"]
 
@@ -144,9 +147,7 @@ async def _open_pipeline_floor(s: Setup, device: SimulatedDevice) -> AsyncIterat
     prep = s.prep
     workers = s.prepare_workers or 2
     pools = [ThreadPoolExecutor(workers)] + [ThreadPoolExecutor(1) for _ in range(3)]
-    size = s.spec.max_batch_size
-    pending: list[tuple[asyncio.Future[Any], str]] = []
-    wake: list[asyncio.Future[None] | None] = [None]
+    intake = floor_intake(s.spec.max_batch_size)
     slots = asyncio.Semaphore(workers + 2)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -162,34 +163,18 @@ async def _open_pipeline_floor(s: Setup, device: SimulatedDevice) -> AsyncIterat
             slots.release()
 
     async def consumer() -> None:
+        wait, take = intake.wait, intake.take
         while True:
-            if not pending:
-                waiter = wake[0] = loop.create_future()
-                await waiter
-                continue
+            await wait()
             await slots.acquire()
-            chunk = pending[:size]
-            del pending[:size]
-            task = loop.create_task(one(chunk))
+            task = loop.create_task(one(take()))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    async def call(item: str) -> Any:
-        fut: asyncio.Future[Any] = loop.create_future()
-        pending.append((fut, item))
-        waiter = wake[0]
-        if waiter is not None:
-            wake[0] = None
-            waiter.set_result(None)
-        return await fut
-
-    task = loop.create_task(consumer())
     try:
-        yield call
+        async with consuming(consumer()):
+            yield intake.call
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         for pool in pools:
             pool.shutdown(wait=True)
 
@@ -336,25 +321,13 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
 def print_pipeline(results: dict[str, Any]) -> None:
     a = results["args"]
     m = results["device_model"]
-    table = []
-    for r in results["rows"]:
-        if "rows_per_s" not in r:
-            table.append([r["contender"], "error: " + r.get("error", "?"), "", "", "", "", "", ""])
-            continue
-        lat = [fmt_range(r[k], ".1f") if k in r else "" for k in ("p50_ms", "p99_ms")]
-        table.append([
-            r["contender"], fmt_range(r["rows_per_s"], ",.0f"), *lat,
-            f"{r['ratio_to_limit']:.2f}", f"{r['mean_batch']['median']:.1f}",
-            f"{r['device_busy']['median']:.2f}", f"{r['new_shapes']['median']:.0f}",
-        ])  # fmt: skip
+    table = pipeline_rows(results["rows"], fmt_range, no_error="?")
     title = (
         f"simulated device (a={m['a'] * 1000:.2f} ms + b={m['b'] * 1e9:.0f} ns/padded token, "
         f"new shape +{m['new_shape'] * 1000:.1f} ms); {a['clients']} clients, "
         f"{a['requests']:,} requests, max_batch_size {a['batch_size']}, max_wait {a['max_wait']}s"
     )
-    headers = ["contender", "rows/s", "p50 ms", "p99 ms", "÷ limit", "mean batch",
-               "device busy", "new shapes"]  # fmt: skip
-    print_table(title, headers, table)
+    print_table(title, PIPELINE_HEADERS, table)
     for name, why in results["skipped"].items():
         print(f"skipped {name}: {why}")
 

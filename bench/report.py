@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "render"]
+__all__ = ["PIPELINE_HEADERS", "main", "pipeline_rows", "render"]
 
 
 def _r(s: dict[str, Any], spec: str) -> str:
@@ -122,6 +122,34 @@ def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) 
     )
 
 
+PIPELINE_HEADERS = ["contender", "rows/s", "p50 ms", "p99 ms", "÷ limit", "mean batch",
+                    "device busy", "new shapes"]  # fmt: skip
+"""The columns of :func:`pipeline_rows`."""
+
+
+def pipeline_rows(
+    rows: Sequence[dict[str, Any]],
+    fmt_range: Callable[[dict[str, Any], str], str],
+    no_error: str = "",
+) -> list[list[str]]:
+    """``bench_pipeline``'s rows as table cells, a range written by ``fmt_range(summary, spec)``.
+
+    A row that failed shows ``error: <its error>`` (``no_error`` when it names none).
+    """
+    body = []
+    for r in rows:
+        if "rows_per_s" not in r:
+            body.append([r["contender"], "error: " + r.get("error", no_error), *[""] * 6])
+            continue
+        lat = [fmt_range(r[k], ".1f") if k in r else "" for k in ("p50_ms", "p99_ms")]
+        body.append([
+            r["contender"], fmt_range(r["rows_per_s"], ",.0f"), *lat,
+            f"{r['ratio_to_limit']:.2f}", f"{r['mean_batch']['median']:.1f}",
+            f"{r['device_busy']['median']:.2f}", f"{r['new_shapes']['median']:.0f}",
+        ])  # fmt: skip
+    return body
+
+
 def pipeline_md(res: dict[str, Any]) -> str:
     """``bench_pipeline``: the device model's constants, then one row per contender."""
     m = res["device_model"]
@@ -131,20 +159,7 @@ def pipeline_md(res: dict[str, Any]) -> str:
         f"{res['args']['clients']} clients, {res['args']['requests']:,} requests, "
         f"max_batch_size {res['spec']['max_batch_size']}, max_wait {res['spec']['max_wait']} s."
     )
-    body = []
-    for r in res["rows"]:
-        if "rows_per_s" not in r:
-            body.append([r["contender"], "error: " + r.get("error", ""), "", "", "", "", "", ""])
-            continue
-        lat = [_r(r[k], ".1f") if k in r else "" for k in ("p50_ms", "p99_ms")]
-        body.append([
-            r["contender"], _r(r["rows_per_s"], ",.0f"), *lat, f"{r['ratio_to_limit']:.2f}",
-            f"{r['mean_batch']['median']:.1f}", f"{r['device_busy']['median']:.2f}",
-            f"{r['new_shapes']['median']:.0f}",
-        ])  # fmt: skip
-    headers = ["contender", "rows/s", "p50 ms", "p99 ms", "÷ limit", "mean batch",
-               "device busy", "new shapes"]  # fmt: skip
-    return head + "\n\n" + _table(headers, body)
+    return head + "\n\n" + _table(PIPELINE_HEADERS, pipeline_rows(res["rows"], _r))
 
 
 def open_md(rows: list[dict[str, Any]]) -> str:

@@ -6,11 +6,18 @@ async tests with ``pytest.mark.anyio``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from blockbuster import blockbuster_ctx
+
+from batchio import Batcher, BatchStalledError, Stages
+
+GATE_TIMEOUT = 20.0  # a broken test fails instead of hanging
 
 _BACKENDS: list[Any] = [pytest.param(("asyncio", {}), id="asyncio")]
 try:
@@ -76,3 +83,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     outcome = yield
     _fail_unexpected_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+# -- helpers the test modules import (``from .conftest import ...``) ------------------------------
+
+
+async def wait_event(ev: threading.Event) -> None:
+    """Wait for a worker thread to set ``ev``, without blocking the loop."""
+    if not await asyncio.to_thread(ev.wait, GATE_TIMEOUT):
+        raise TimeoutError("the event was never set")
+
+
+@contextlib.asynccontextmanager
+async def stalled_staged_batcher() -> AsyncIterator[Batcher[int, int]]:
+    """A staged batcher (``max_batch_size=1``, ``batch_time_limit=0.05``) whose device stage has
+    stalled: ``b(0)`` has raised :class:`BatchStalledError`, its thread still stuck in the job.
+
+    The stuck thread is let go only after the batcher has closed.
+    """
+    release = threading.Event()
+
+    def run(xs: list[int]) -> list[int]:
+        if 0 in xs:
+            release.wait(GATE_TIMEOUT)
+        return xs
+
+    try:
+        async with Batcher(
+            Stages[int, int](run=run), max_batch_size=1, max_wait=0.0, batch_time_limit=0.05
+        ) as b:
+            with pytest.raises(BatchStalledError):
+                await b(0)
+            yield b
+    finally:
+        release.set()

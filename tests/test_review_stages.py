@@ -21,21 +21,16 @@ import pytest
 from batchio import Batcher, BatchStalledError, DeviceExecutor, Stages
 from batchio.testing import VirtualClock, wait_all_tasks_blocked
 
+from .conftest import GATE_TIMEOUT, stalled_staged_batcher, wait_event
+
 pytestmark = pytest.mark.anyio
 
-GATE_TIMEOUT = 20.0  # a broken test fails instead of hanging
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", [("asyncio", {})])  # VirtualClock
 _names = itertools.count()
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}{next(_names)}"
-
-
-async def wait_event(ev: threading.Event) -> None:
-    """Wait for a worker thread to set ``ev``, without blocking the loop."""
-    if not await asyncio.to_thread(ev.wait, GATE_TIMEOUT):
-        raise TimeoutError("the event was never set")
 
 
 def live_threads(prefix: str) -> list[str]:
@@ -247,22 +242,8 @@ async def test_another_batchers_slow_job_does_not_stall_a_job_queued_on_the_shar
 
 
 async def test_a_staged_batcher_reports_its_abandoned_stage_thread() -> None:
-    release = threading.Event()
-
-    def run(xs: list[int]) -> list[int]:
-        if 0 in xs:
-            release.wait(GATE_TIMEOUT)
-        return xs
-
-    try:
-        async with Batcher(
-            Stages[int, int](run=run), max_batch_size=1, max_wait=0.0, batch_time_limit=0.05
-        ) as b:
-            with pytest.raises(BatchStalledError):
-                await b(0)
-            stats = b.statistics()
-    finally:
-        release.set()
+    async with stalled_staged_batcher() as b:  # b(0) stalled and raised BatchStalledError
+        stats = b.statistics()
     assert stats.stalled_batches == 1
     assert stats.abandoned_workers == 1  # the device thread is still stuck in the job
 

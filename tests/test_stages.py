@@ -26,9 +26,9 @@ from batchio import (
 )
 from batchio.testing import wait_all_tasks_blocked
 
-pytestmark = pytest.mark.anyio
+from .conftest import GATE_TIMEOUT, stalled_staged_batcher, wait_event
 
-GATE_TIMEOUT = 20.0  # a broken test fails instead of hanging
+pytestmark = pytest.mark.anyio
 
 
 class Recorder:
@@ -47,6 +47,10 @@ class Recorder:
     def entered_event(self, stage: str) -> threading.Event:
         self.entered[stage] = ev = threading.Event()
         return ev
+
+    def hold(self, stage: str) -> tuple[threading.Event, threading.Event]:
+        """Gate ``stage`` and watch for it: (the gate to open, the event set on entering)."""
+        return self.gate(stage), self.entered_event(stage)
 
     def _note(self, stage: str, rows: Sequence[Any]) -> None:
         with self.lock:
@@ -93,12 +97,6 @@ class Recorder:
         )
 
 
-async def wait_event(ev: threading.Event) -> None:
-    """Wait for a worker thread to set ``ev``, without blocking the loop."""
-    if not await asyncio.to_thread(ev.wait, GATE_TIMEOUT):
-        raise TimeoutError("the event was never set")
-
-
 async def test_every_stage_runs_on_its_own_threads_and_results_are_per_row() -> None:
     rec = Recorder()
     async with Batcher(rec.stages(), max_batch_size=4, max_wait=0.0, name="m") as b:
@@ -113,8 +111,7 @@ async def test_every_stage_runs_on_its_own_threads_and_results_are_per_row() -> 
 
 async def test_next_batches_are_prepared_and_assembled_while_one_is_on_the_device() -> None:
     rec = Recorder()
-    device_gate = rec.gate("device")
-    on_device = rec.entered_event("device")
+    device_gate, on_device = rec.hold("device")
     async with Batcher(rec.stages(), max_batch_size=2, max_wait=0.0) as b:
         first = [asyncio.ensure_future(b(x)) for x in (1, 2)]
         await wait_event(on_device)
@@ -148,8 +145,7 @@ async def test_a_row_that_fails_preparation_fails_alone_and_at_once() -> None:
 
 async def test_a_request_cancelled_before_assembly_never_reaches_the_device() -> None:
     rec = Recorder()
-    prepare_gate = rec.gate("prepare")
-    preparing = rec.entered_event("prepare")
+    prepare_gate, preparing = rec.hold("prepare")
     async with Batcher(rec.stages(), max_batch_size=3, max_wait=0.0) as b:
         tasks = [asyncio.ensure_future(b(x)) for x in (1, 2, 3)]
         await wait_event(preparing)
@@ -170,8 +166,7 @@ async def test_a_request_cancelled_before_assembly_never_reaches_the_device() ->
 
 async def test_a_batch_whose_requests_all_left_during_assembly_skips_the_device() -> None:
     rec = Recorder()
-    assemble_gate = rec.gate("assemble")
-    assembling = rec.entered_event("assemble")
+    assemble_gate, assembling = rec.hold("assemble")
     async with Batcher(rec.stages(), max_batch_size=2, max_wait=0.0) as b:
         tasks = [asyncio.ensure_future(b(x)) for x in (1, 2)]
         await wait_event(assembling)
@@ -187,8 +182,7 @@ async def test_a_batch_whose_requests_all_left_during_assembly_skips_the_device(
 
 async def test_a_request_timed_out_before_assembly_never_reaches_the_device() -> None:
     rec = Recorder()
-    prepare_gate = rec.gate("prepare")
-    preparing = rec.entered_event("prepare")
+    prepare_gate, preparing = rec.hold("prepare")
     async with Batcher(rec.stages(), max_batch_size=2, max_wait=0.0) as b:
         late = asyncio.ensure_future(b(1, timeout=0.001))
         other = asyncio.ensure_future(b(2))
@@ -236,23 +230,9 @@ async def test_a_base_exception_from_a_stage_becomes_batch_function_error() -> N
 
 
 async def test_a_stalled_device_stage_is_abandoned_replaced_and_the_batcher_carries_on() -> None:
-    release = threading.Event()
-
-    def run(xs: list[int]) -> list[int]:
-        if 0 in xs:
-            release.wait(GATE_TIMEOUT)
-        return xs
-
-    try:
-        async with Batcher(
-            Stages[int, int](run=run), max_batch_size=1, max_wait=0.0, batch_time_limit=0.05
-        ) as b:
-            with pytest.raises(BatchStalledError):
-                await b(0)
-            assert await b(1) == 1
-            stats = b.statistics()
-    finally:
-        release.set()
+    async with stalled_staged_batcher() as b:  # b(0) stalled and raised BatchStalledError
+        assert await b(1) == 1
+        stats = b.statistics()
     assert stats.stalled_batches == 1
 
 

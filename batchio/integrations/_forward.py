@@ -154,14 +154,7 @@ class BatchForward:
         placement = self.placement
         batch = self.collator.collate(rows, pin_memory=placement.is_cuda)
         with placement.running():
-            data = placement.to_device(batch.data)
-            on_device = CollatedBatch(
-                data, batch.lengths, batch.padded_length, batch.padding_side, batch.padding_rows
-            )
-            output = self.model(**data) if isinstance(data, dict) else self.model(data)
-            if self.postprocess is not None:
-                output = self.postprocess(output, on_device)
-            output = placement.to_output(output)
+            output = placement.to_output(self._forward_on_device(batch))
 
         def split(out: Any) -> list[Any]:
             return split_output(
@@ -174,6 +167,18 @@ class BatchForward:
             )
 
         return placement.finish_outputs(output, split)
+
+    def _forward_on_device(self, batch: CollatedBatch) -> Any:
+        """Copy ``batch`` to the device, run the model and ``postprocess`` on it (the output stays
+        on the device). Called inside ``placement.running()``."""
+        data = self.placement.to_device(batch.data)
+        on_device = CollatedBatch(
+            data, batch.lengths, batch.padded_length, batch.padding_side, batch.padding_rows
+        )
+        output = self.model(**data) if isinstance(data, dict) else self.model(data)
+        if self.postprocess is not None:
+            output = self.postprocess(output, on_device)
+        return output
 
 
 class MicroBatch:
@@ -317,13 +322,7 @@ class StagedForward(BatchForward):
     def _launch(self, mb: MicroBatch, batch: CollatedBatch) -> None:
         placement = self.placement
         with placement.running():
-            data = placement.to_device(batch.data)
-            on_device = CollatedBatch(
-                data, batch.lengths, batch.padded_length, batch.padding_side, batch.padding_rows
-            )
-            output = self.model(**data) if isinstance(data, dict) else self.model(data)
-            if self.postprocess is not None:
-                output = self.postprocess(output, on_device)
+            output = self._forward_on_device(batch)
             # Cut the padding rows on the device: they need not cross to the host.
             output = drop_padding_rows(output, batch)
             mb.output, mb.event = placement.to_output_started(output)

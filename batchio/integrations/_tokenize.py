@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,15 @@ import torch
 from ._collate import CollationError
 from ._isolate import run_isolating
 
-__all__ = ["TextTokenizer", "default_max_length", "text_problem"]
+__all__ = [
+    "TextTokenizer",
+    "call_unpadded",
+    "default_max_length",
+    "text_problem",
+    "tokenize_each",
+]
+
+R = TypeVar("R")
 
 # Tokenizers without a real limit report a huge sentinel (int(1e30)).
 _NO_LIMIT: Final = 100_000
@@ -51,6 +59,40 @@ def text_problem(text: object) -> str | None:
             "decode its bytes with errors='replace' or drop the bad characters"
         )
     return None
+
+
+def call_unpadded(tokenizer: Any, texts: Sequence[str], max_length: int) -> Any:
+    """The tokenizer's own call on the batch: truncated to ``max_length``, unpadded, with masks."""
+    return tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+        return_attention_mask=True,
+    )
+
+
+def tokenize_each(
+    texts: Sequence[object], encode: Callable[[Sequence[str]], Sequence[R]]
+) -> list[R | Exception]:
+    """``encode`` the valid texts as one batch: one result, or one exception, per text, in order.
+
+    A text :func:`text_problem` refuses gets a :class:`CollationError` and is not encoded; if
+    ``encode`` raises, the valid texts are re-run in halves (:func:`run_isolating`).
+    """
+    results: list[Any] = [None] * len(texts)
+    valid: list[int] = []
+    for i, text in enumerate(texts):
+        problem = text_problem(text)
+        if problem is None:
+            valid.append(i)
+        else:
+            results[i] = CollationError(problem)
+    if valid:
+        encoded = run_isolating(encode, [cast(str, texts[i]) for i in valid])
+        for i, row in zip(valid, encoded, strict=True):
+            results[i] = row
+    return results
 
 
 Row = dict[str, torch.Tensor]
@@ -109,20 +151,7 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[object]) -> list[Row | Exception]:
         """Tokenize ``texts``: one row, or one :class:`CollationError` (or encoder error), each."""
-        results: list[Any] = [None] * len(texts)
-        valid: list[int] = []
-        for i, text in enumerate(texts):
-            problem = text_problem(text)
-            if problem is None:
-                valid.append(i)
-            else:
-                results[i] = CollationError(problem)
-        if valid:
-            strings = [texts[i] for i in valid]
-            encoded = run_isolating(self.encode, strings)  # type: ignore[arg-type]
-            for i, row in zip(valid, encoded, strict=True):
-                results[i] = row
-        return results
+        return tokenize_each(texts, self.encode)
 
     def encode(self, texts: Sequence[str]) -> list[Row]:
         """Tokenize valid strings as one batch (raises for the whole batch if the encoder does)."""
@@ -151,13 +180,7 @@ class TextTokenizer:
         return [{k: columns[k][j] for k in keys} for j in range(len(encodings))]
 
     def _encode_with_call(self, texts: Sequence[str]) -> list[Row]:
-        encoded = self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=True,
-        )
+        encoded = call_unpadded(self.tokenizer, texts, self.max_length)
         keys = [k for k in encoded if k in self.keys]
         return [
             {k: torch.as_tensor(encoded[k][j], dtype=torch.long) for k in keys}

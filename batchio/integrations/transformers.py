@@ -30,13 +30,12 @@ from .. import Batcher, BatcherOptions, BatcherOptionsKw, DeviceExecutor
 from .._options import options_from
 from ._device import DTypeArg
 from ._forward import StagedForward
-from ._isolate import run_isolating
 from ._owner import BatcherOwner
 from ._pipeline import PipelineStages, unstaged_reason
 from ._shapes import LengthBuckets
-from ._tokenize import TextTokenizer, default_max_length, text_problem
+from ._tokenize import TextTokenizer, call_unpadded, default_max_length, tokenize_each
 from ._wrap import AUTO, Auto, check_device_executor, make_batcher, resolve_device, setup
-from .torch import BatchForward, CollatedBatch, CollationError, Collator, PaddingSide, PreparedRow
+from .torch import BatchForward, CollatedBatch, Collator, PaddingSide, PreparedRow
 
 __all__ = [
     "BatchedPipeline",
@@ -127,23 +126,8 @@ class TextEmbeddingFn:
         :class:`CollationError` before the batch is tokenized. If the tokenizer call still fails,
         it is re-run in halves, so only the texts it cannot take get its error.
         """
-        results: list[Any] = [None] * len(texts)
-        valid: list[int] = []
-        for i, text in enumerate(texts):
-            problem = _text_problem(text)
-            if problem is None:
-                valid.append(i)
-            else:
-                results[i] = CollationError(problem)
-        if not valid:
-            return results
-        encoded = run_isolating(self._tokenize, [cast(str, texts[i]) for i in valid])
-        rows: list[tuple[int, Any]] = []
-        for i, row in zip(valid, encoded, strict=True):
-            if isinstance(row, Exception):
-                results[i] = row
-            else:
-                rows.append((i, row))
+        results: list[Any] = tokenize_each(texts, self._tokenize)
+        rows = [(i, row) for i, row in enumerate(results) if not isinstance(row, Exception)]
         outputs = self.forward([row for _, row in rows]) if rows else []
         for (i, _), out in zip(rows, outputs, strict=True):
             results[i] = out
@@ -152,21 +136,12 @@ class TextEmbeddingFn:
     def _tokenize(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         # One call tokenizes the whole batch (the fast tokenizers parallelise it); no padding here,
         # the collator pads each micro-batch to its own longest row.
-        encoded = self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=True,
-        )
+        encoded = call_unpadded(self.tokenizer, texts, self.max_length)
         # Only the keys the model takes (as the staged TextTokenizer does): a model without
         # token_type_ids would otherwise fail every text it is given.
         wanted = self.model_keys
         keys = [k for k in encoded if wanted is None or k == "input_ids" or k in wanted]
         return [{key: encoded[key][j] for key in keys} for j in range(len(texts))]
-
-
-_text_problem = text_problem
 
 
 class SentenceEmbedder(BatcherOwner[str, torch.Tensor]):

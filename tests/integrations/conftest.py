@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 import torch
 
+from batchio.integrations.torch import StagedForward
+
 WORDS = [
     "the",
     "a",
@@ -114,4 +116,37 @@ async def gather(*calls: Any) -> list[Any]:
     async with anyio.create_task_group() as tg:
         for i, call in enumerate(calls):
             tg.start_soon(one, i, call)
+    return results
+
+
+def ids(*values: int) -> torch.Tensor:
+    """A 1-D ``int64`` tensor of ``values``: one row's ``input_ids``."""
+    return torch.tensor(values, dtype=torch.long)
+
+
+class PassRecorder:
+    """A 'model' that records each pass's input_ids and returns them times the mask.
+
+    With ``poison``, a pass holding that id raises ``IndexError`` (as an embedding lookup would).
+    """
+
+    def __init__(self, poison: int | None = None) -> None:
+        self.passes: list[torch.Tensor] = []
+        self.poison = poison
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        self.passes.append(input_ids.clone())
+        if self.poison is not None and bool((input_ids == self.poison).any()):
+            raise IndexError(f"index {self.poison} is out of range")
+        return input_ids * attention_mask
+
+
+def in_sequence(fwd: StagedForward, rows: list[Any]) -> list[Any]:
+    """finish(run(assemble(prepare(rows)))), with prepare's errors kept in their slots."""
+    prepared = fwd.prepare(rows)
+    live = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+    done = fwd.finish(fwd.run(fwd.assemble([prepared[i] for i in live])))  # type: ignore[misc]
+    results: list[Any] = list(prepared)
+    for i, out in zip(live, done, strict=True):
+        results[i] = out
     return results

@@ -32,13 +32,9 @@ from batchio.integrations.torch import (
 )
 from batchio.integrations.transformers import SentenceEmbedder
 
-from .conftest import gather
+from .conftest import gather, ids, in_sequence
 
 HOUR = 3600.0
-
-
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
 
 
 class Recorder:
@@ -50,17 +46,6 @@ class Recorder:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         self.passes.append((input_ids.shape[0], input_ids.shape[1]))
         return {"tokens": input_ids * attention_mask, "real": attention_mask.sum(1)}
-
-
-def in_sequence(fwd: StagedForward, rows: list[Any]) -> list[Any]:
-    """finish(run(assemble(prepare(rows)))), with prepare's errors kept in their slots."""
-    prepared = fwd.prepare(rows)
-    live = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
-    done = fwd.finish(fwd.run(fwd.assemble([prepared[i] for i in live])))  # type: ignore[misc]
-    results: list[Any] = list(prepared)
-    for i, out in zip(live, done, strict=True):
-        results[i] = out
-    return results
 
 
 # -- the token-budget planner with padding rows ----------------------------------------------------

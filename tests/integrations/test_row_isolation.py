@@ -20,27 +20,9 @@ from batchio import BatchioError
 from batchio.integrations.torch import BatchedModule, BatchForward, CollationError, Collator
 from batchio.integrations.transformers import SentenceEmbedder
 
-from .conftest import gather
+from .conftest import PassRecorder, gather, ids
 
 HOUR = 3600.0
-
-
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
-
-
-class Recorder:
-    """A 'model' that records each pass's input_ids and returns them times the mask."""
-
-    def __init__(self, poison: int | None = None) -> None:
-        self.passes: list[torch.Tensor] = []
-        self.poison = poison
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.passes.append(input_ids.clone())
-        if self.poison is not None and bool((input_ids == self.poison).any()):
-            raise IndexError(f"index {self.poison} is out of range")
-        return input_ids * attention_mask
 
 
 def token_rows(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -56,7 +38,7 @@ def test_different_dtypes_run_as_separate_micro_batches(first: str) -> None:
     int32 = {"input_ids": ids(1, 2, 3).int()}
     int64 = {"input_ids": ids(4, 5)}
     rows = [int32, int64] if first == "int32" else [int64, int32]
-    model = Recorder()
+    model = PassRecorder()
     results = BatchForward(model, strip_padding=True)(rows)
     assert [r.tolist() for r in results] == [r["input_ids"].tolist() for r in rows]
     assert [p.dtype for p in model.passes] == [r["input_ids"].dtype for r in rows]
@@ -76,7 +58,7 @@ def test_tensor_rows_of_different_shapes_all_run() -> None:
 
 def test_signature_groups_each_keep_the_token_budget() -> None:
     """Each signature group is length-sorted and split under max_batch_tokens on its own."""
-    model = Recorder()
+    model = PassRecorder()
     rows = [
         {"input_ids": ids(1, 1, 1, 1)},
         {"input_ids": ids(2, 2).int()},
@@ -94,7 +76,9 @@ def test_signature_groups_each_keep_the_token_budget() -> None:
 @pytest.mark.anyio
 async def test_neighbours_of_another_dtype_both_succeed_through_the_batcher() -> None:
     """gather(m(int32 ids), m(int64 ids)): both get their own result from one batch."""
-    async with BatchedModule(Recorder(), strip_padding=True, max_batch_size=2, max_wait=HOUR) as m:
+    async with BatchedModule(
+        PassRecorder(), strip_padding=True, max_batch_size=2, max_wait=HOUR
+    ) as m:
         a, b = await gather(m({"input_ids": ids(1, 2).int()}), m({"input_ids": ids(3, 4, 5)}))
         stats = m.statistics()
     assert stats.batches == 1
@@ -139,7 +123,7 @@ async def test_rows_with_different_keys_match_their_results_alone(
 def test_row_that_cannot_run_fails_alone_before_batching(bad: Any, message: str) -> None:
     """A sparse tensor, non-integer token ids, a row over max_length: a CollationError for that
     row alone; its neighbours run."""
-    model = Recorder()
+    model = PassRecorder()
     rows = [{"input_ids": ids(1, 2, 3)}, bad, {"input_ids": ids(4)}]
     results = BatchForward(model, collator=Collator(max_length=8), strip_padding=True)(rows)
     assert results[0].tolist() == [1, 2, 3]
@@ -165,7 +149,7 @@ def test_failed_pass_is_bisected_to_its_culprits(bad_positions: list[int]) -> No
     rows = [{"input_ids": ids(i + 1, i + 1)} for i in range(7)]
     for p in bad_positions:
         rows[p] = {"input_ids": ids(poison, p + 1)}
-    results = BatchForward(Recorder(poison=poison), strip_padding=True)(rows)
+    results = BatchForward(PassRecorder(poison=poison), strip_padding=True)(rows)
     errors = [results[p] for p in bad_positions]
     assert all(isinstance(e, IndexError) for e in errors)
     assert len({id(e) for e in errors}) == len(errors)  # each bad row has its own error

@@ -20,11 +20,9 @@ from batchio.integrations._shapes import (
 )
 from batchio.integrations.torch import BatchForward, Collator, plan_micro_batches
 
+from .conftest import ids
+
 LADDER = (16, 32, 64, 128, 256, 512)
-
-
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
 
 
 # -- the policy ----------------------------------------------------------------------------------

@@ -31,38 +31,17 @@ from batchio.integrations.torch import (
 )
 from batchio.integrations.transformers import SentenceEmbedder
 
-from .conftest import gather
+from .conftest import PassRecorder, gather, ids, in_sequence
 
 HOUR = 3600.0
 
 
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
-
-
-class Recorder:
-    """Records each pass's input_ids; raises for rows holding ``poison``."""
-
-    def __init__(self, poison: int | None = None) -> None:
-        self.passes: list[torch.Tensor] = []
-        self.poison = poison
+class Recorder(PassRecorder):
+    """Records each pass's input_ids; raises for rows holding ``poison``; returns a mapping."""
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        self.passes.append(input_ids.clone())
-        if self.poison is not None and bool((input_ids == self.poison).any()):
-            raise IndexError(f"index {self.poison} is out of range")
-        return {"tokens": input_ids * attention_mask, "real": attention_mask.sum(1)}
-
-
-def in_sequence(fwd: StagedForward, rows: list[Any]) -> list[Any]:
-    """finish(run(assemble(prepare(rows)))), with prepare's errors kept in their slots."""
-    prepared = fwd.prepare(rows)
-    live = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
-    done = fwd.finish(fwd.run(fwd.assemble([prepared[i] for i in live])))  # type: ignore[misc]
-    results: list[Any] = list(prepared)
-    for i, out in zip(live, done, strict=True):
-        results[i] = out
-    return results
+        tokens = super().__call__(input_ids, attention_mask)
+        return {"tokens": tokens, "real": attention_mask.sum(1)}
 
 
 ROWS = [{"input_ids": ids(*range(1, n + 1))} for n in (1, 9, 3, 17, 2, 5, 30, 4, 6, 11, 8)]

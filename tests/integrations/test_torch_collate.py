@@ -27,10 +27,7 @@ from batchio.integrations.torch import (
     stack_outputs,
 )
 
-
-def ids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
-
+from .conftest import ids
 
 # -- collation ---------------------------------------------------------------------------------
 
