@@ -30,10 +30,52 @@ def _install(prepare: Callable[[list[Any]], Any]) -> None:
     _installed = prepare
 
 
-def _prepare_here(inputs: list[Any], isolate: bool) -> list[Any]:
-    """In a worker process: prepare one batch (bisecting a failure there, with ``isolate``)."""
+def _prepare_here(inputs: list[Any], isolate: bool) -> bytes:
+    """In a worker process: prepare one batch (bisecting a failure there, with ``isolate``),
+    pickled here, so that whatever cannot cross to the parent fails its own row, not the pool.
+
+    ``concurrent.futures`` treats a result the parent cannot unpickle as a broken pool (every
+    batch in it fails), and one the worker cannot pickle fails the whole batch.
+    """
+    import pickle
+
     assert _installed is not None, "the process pool's initializer did not run"
-    return call_sync(_installed, inputs, isolate)
+    try:
+        outcomes = call_sync(_installed, inputs, isolate)
+    except Exception as exc:
+        raise _portable(exc) from None
+    outcomes = [_portable(o) if isinstance(o, BaseException) else o for o in outcomes]
+    try:
+        return pickle.dumps(outcomes)
+    except Exception:  # one row (or more) that cannot be pickled: find it, fail it alone
+        return pickle.dumps([_picklable_row(o) for o in outcomes])
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives a pickle round trip, else a ``RuntimeError`` that says what it was."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception as why:
+        return RuntimeError(
+            f"{type(exc).__qualname__}: {exc} (raised in a prepare worker process; it cannot be "
+            f"sent back as it is: {why!r})"
+        )
+    return exc
+
+
+def _picklable_row(row: Any) -> Any:
+    import pickle
+
+    try:
+        pickle.dumps(row)
+    except Exception as why:
+        return TypeError(
+            f"prepare returned a {type(row).__qualname__} for this item, which cannot be sent "
+            f"back from the worker process ({why})"
+        )
+    return row
 
 
 def _noop() -> None:
@@ -51,7 +93,7 @@ class PrepareProcesses:
     held and is replaced by a fresh one, once.
     """
 
-    __slots__ = ("_closed", "_count", "_fn", "_lock", "_pool", "_running")
+    __slots__ = ("_closed", "_count", "_fn", "_lock", "_pool", "_retired", "_running")
 
     def __init__(self, fn: Callable[[list[Any]], Any], count: int) -> None:
         self._fn = fn
@@ -60,6 +102,9 @@ class PrepareProcesses:
         self._closed = False
         self._running = 0  # batches handed to the pool and not back yet
         self._pool: ProcessPoolExecutor | None = None
+        # Pools taken out of service because a job stalled in one of their processes: they
+        # finish what else they hold, and are terminated at shutdown.
+        self._retired: list[ProcessPoolExecutor] = []
         # Boot the processes now, off the event loop's thread: a spawned interpreter takes a
         # while to start, and the first batches should not wait for it.
         _daemon(self._boot, "batchio-prepare-boot")
@@ -97,7 +142,9 @@ class PrepareProcesses:
             pool = self._current()
             self._running += 1
         try:
-            result: list[Any] = pool.submit(_prepare_here, inputs, isolate).result()
+            import pickle
+
+            result: list[Any] = pickle.loads(pool.submit(_prepare_here, inputs, isolate).result())
             return result
         except BrokenProcessPool as exc:
             with self._lock:
@@ -113,14 +160,33 @@ class PrepareProcesses:
             with self._lock:
                 self._running -= 1
 
+    def retire(self) -> None:
+        """A prepare job stalled: its process is stuck, so new batches go to a fresh pool.
+
+        Called from the event loop's thread; the work (which takes the lock) runs on a thread.
+        """
+        _daemon(self._retire, "batchio-prepare-retire")
+
+    def _retire(self) -> None:
+        with self._lock:
+            if self._pool is not None and not self._closed:
+                self._retired.append(self._pool)
+                self._pool = None  # the next batch makes a new one
+
     def shutdown(self) -> None:
-        """Stop the processes (on a thread; those stuck in an abandoned job are terminated)."""
+        """Stop the processes, on a thread (those stuck in an abandoned job are terminated)."""
+        _daemon(self._shutdown, "batchio-prepare-stop")
+
+    def _shutdown(self) -> None:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
             stuck = self._running > 0
+            retired, self._retired = self._retired, []
         if pool is not None:
-            _daemon(functools.partial(_stop, pool, stuck), "batchio-prepare-stop")
+            _stop(pool, stuck)
+        for old in retired:
+            _stop(old, True)
 
 
 def _daemon(target: Callable[[], None], name: str) -> None:

@@ -329,6 +329,8 @@ class Pipeline:
                 batch,
             )
             if prepared is STALLED:
+                if self._processes is not None:
+                    self._processes.retire()  # its worker process is stuck in that job
                 return STALLED
             fail = self.outcomes.fail
             for i, row in enumerate(prepared):

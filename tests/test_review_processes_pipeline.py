@@ -1,15 +1,12 @@
-"""Review of ``Stages(prepare_processes=N)``: defects found, each pinned by a ``known_defect`` test.
-
-A ``known_defect`` test passes while its body fails an assertion (the defect is still there) and
-fails with "XPASS(strict)" once the body passes, so a fix has to drop the marker. The prepare
-functions are module-level, so the spawned worker processes can unpickle them.
+"""Review of ``Stages(prepare_processes=N)``: each test pins a defect found in review (all fixed):
+an exception or a row that cannot cross back from a worker process failed the pool or the batch
+instead of its own row, and a stalled prepare wedged a one-process pool. The prepare functions are
+module-level, so the spawned worker processes can unpickle them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,38 +18,6 @@ from batchio import Batcher, Stages
 pytestmark = pytest.mark.anyio
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def known_defect(reason: str) -> Callable[[F], F]:
-    """The body must fail an assertion; once it passes, the test fails until this is dropped."""
-
-    def fixed() -> None:
-        pytest.fail(f"XPASS(strict): fixed, drop @known_defect: {reason}", pytrace=False)
-
-    def mark(fn: F) -> F:
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def run_async(*args: Any, **kwargs: Any) -> None:
-                try:
-                    await fn(*args, **kwargs)
-                except AssertionError:
-                    return
-                fixed()
-
-            return run_async  # type: ignore[return-value]
-
-        @functools.wraps(fn)
-        def run_sync(*args: Any, **kwargs: Any) -> None:
-            try:
-                fn(*args, **kwargs)
-            except AssertionError:
-                return
-            fixed()
-
-        return run_sync  # type: ignore[return-value]
-
-    return mark
 
 
 class TwoArgError(Exception):
@@ -87,10 +52,6 @@ async def outcomes(batcher: Batcher[int, Any], items: list[int]) -> list[Any]:
     return await asyncio.gather(*(batcher(x) for x in items), return_exceptions=True)
 
 
-@known_defect(
-    "an exception that does not unpickle breaks the whole process pool (BrokenProcessPool for "
-    "every batch in it) instead of failing its own row"
-)
 async def test_an_exception_that_does_not_unpickle_fails_only_its_row() -> None:
     # With threads (prepare_processes=None) this gives [10, TwoArgError, 20, 30].
     stages: Stages[int, Any] = Stages(
@@ -102,10 +63,6 @@ async def test_an_exception_that_does_not_unpickle_fails_only_its_row() -> None:
     assert isinstance(results[1], Exception)
 
 
-@known_defect(
-    "with isolate_errors, one row that cannot be pickled back fails its whole batch "
-    "(the bisection runs inside the worker and never sees the pickling error)"
-)
 async def test_an_unpicklable_row_fails_only_its_own_request() -> None:
     stages: Stages[int, Any] = Stages(
         prepare=prepare_unpicklable_row, run=run_rows, prepare_processes=1
@@ -115,10 +72,6 @@ async def test_an_unpicklable_row_fails_only_its_own_request() -> None:
     assert [results[0], results[2], results[3]] == [10, 20, 30], results
 
 
-@known_defect(
-    "a batch abandoned past batch_time_limit keeps its worker process; with prepare_processes=1 "
-    "every later batch queues behind it and stalls too (threads are replaced, processes are not)"
-)
 async def test_a_stalled_prepare_does_not_wedge_a_one_process_pool() -> None:
     stages: Stages[int, Any] = Stages(prepare=prepare_or_hang, run=run_rows, prepare_processes=1)
     # The limit is the library's own timer on a job that never returns: the outcome does not

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -135,7 +136,7 @@ class PipelineStages:
         self.collate = pad_collate_fn(pipe.tokenizer, _feature_extractor(pipe))
         self.chunked = isinstance(pipe, ChunkPipeline)
         """Whether preprocess yields chunks (a ``ChunkPipeline``) and postprocess takes a list."""
-        self._lock = threading.Lock()
+        self._lock = _lock_for(pipe)
 
     def __call__(self, inputs: Sequence[Any]) -> list[Any]:
         """Run all four stages on ``inputs`` here; one result (or ``Exception``) per input."""
@@ -285,3 +286,22 @@ def _batch_item(data: Any, i: int) -> Any:
         else:
             item[k] = element[i]
     return data.__class__(item)
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(pipe: Any) -> threading.Lock:
+    """The one lock of ``pipe``'s pre- and postprocessing, shared by every staging of it.
+
+    Two ``BatchedPipeline`` objects over one pipeline (different ``top_k``, say) share its
+    tokenizer, which reconfigures itself on each call: they must take turns too. Keyed by the
+    tokenizer when there is one (two pipelines may share it), else by the pipeline.
+    """
+    key = getattr(pipe, "tokenizer", None) or pipe
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.Lock()
+        return lock
