@@ -30,6 +30,7 @@ from ._options import DEFAULT as DEFAULT
 from ._options import BatcherOptions as BatcherOptions
 from ._options import BatcherOptionsKw as BatcherOptionsKw
 from ._options import DefaultTimeout as DefaultTimeout
+from ._options import ReconfigureKw as ReconfigureKw
 from ._options import TimeoutArg as TimeoutArg
 from ._policy import BatchPolicy as BatchPolicy
 from ._policy import Dispatch as Dispatch
@@ -72,6 +73,7 @@ __all__ = (
     "Percentiles",
     "QueueFullError",
     "QueueState",
+    "ReconfigureKw",
     "RequestTimeoutError",
     "Share",
     "StageStatistics",

@@ -25,7 +25,14 @@ from ._exceptions import (
     BatchFunctionError,
     BatchStalledError,
 )
-from ._options import DEFAULT, BatcherOptions, BatcherOptionsKw, TimeoutArg, options_from
+from ._options import (
+    DEFAULT,
+    BatcherOptions,
+    BatcherOptionsKw,
+    ReconfigureKw,
+    TimeoutArg,
+    options_from,
+)
 from ._outcomes import Outcomes
 from ._outputs import output_rows
 from ._policy import Dispatch, QueueState, Wait
@@ -50,6 +57,7 @@ _log: Final = logging.getLogger("batchio")
 _running_loop: Final = asyncio._get_running_loop  # the C accessor: None outside a loop, no raise
 _INF: Final = float("inf")
 _PROPAGATE: Final = (KeyboardInterrupt, SystemExit)
+_FIXED_OPTIONS: Final = frozenset({"max_concurrent_batches", "when_full", "name"})
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -103,6 +111,7 @@ class Batcher(Generic[InT, OutT]):
         "_outcomes",
         "_pipeline",
         "_policy",
+        "_raw_fn",
         "_room",
         "_running",
         "_stages",
@@ -127,6 +136,7 @@ class Batcher(Generic[InT, OutT]):
         self._concurrency: int = opts.max_concurrent_batches or default_concurrency
         self._stages = stages
         self._pipeline: Pipeline | None = None
+        self._raw_fn = fn
         self._fn: Any = fn if stages is not None else _with_padding(fn, opts)
         self._is_async = stages is None and is_async_callable(fn)
         self._policy = opts.make_policy()
@@ -191,9 +201,7 @@ class Batcher(Generic[InT, OutT]):
         own_clock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
         self._clock = time.monotonic if own_clock else loop.time
         if self._stages is not None:
-            self._pipeline = Pipeline(
-                self._stages, self._name, self._outcomes, self._options.padded_size
-            )
+            self._pipeline = Pipeline(self._stages, self._name, self._outcomes, self._padded_size)
         elif not self._is_async:
             self._threads = WorkerThreads(self._concurrency, f"batchio-{self._name}")
         self._executor_task = task = loop.create_task(
@@ -226,6 +234,55 @@ class Batcher(Generic[InT, OutT]):
     def max_batch_size(self) -> int:
         """The most rows one batch may hold."""
         return self._policy.max_batch_size
+
+    def reconfigure(self, **changes: Unpack[ReconfigureKw]) -> BatcherOptions:
+        """Change options of a batcher, live; effective from the next batch decision.
+
+        Validated like the constructor: a bad value raises and changes nothing. Queued requests
+        are never lost or reordered; batches already running finish as they started.
+
+        - ``max_batch_size``, ``max_wait``, ``policy``, ``allowed_batch_sizes``: the next batch
+          is formed by the new rule (the executor looks again at once).
+        - ``max_queue_size``: a larger bound (or ``None``) admits parked requests, in order; a
+          smaller one keeps every queued request and refuses (or parks) new ones until the
+          queue is under it.
+        - ``timeout``: the default deadline of calls made from now on (queued requests keep
+          theirs).
+        - ``batch_time_limit``, ``isolate_errors``: from the next batch.
+
+        ``max_concurrent_batches``, ``when_full`` and ``name`` are fixed for a batcher's life
+        (threads and parked requests depend on them): changing them raises ``TypeError``.
+
+        Call it on the batcher's event loop (or before it starts). Returns the new options.
+
+        Raises:
+            TypeError: an option that cannot change live, or an unknown or ill-typed one.
+            ValueError: a value out of range.
+            BatcherLoopError: called from another thread or event loop than the batcher's.
+        """
+        fixed = set(changes) & _FIXED_OPTIONS
+        if fixed:
+            raise TypeError(
+                f"{', '.join(sorted(fixed))} cannot change on a live batcher (threads and parked "
+                "requests depend on it): build a new one"
+            )
+        loop = self._loop
+        if loop is not None and _running_loop() is not loop and not loop.is_closed():
+            raise BatcherLoopError(
+                f"{self!r}.reconfigure() must be called on the batcher's event loop"
+            )
+        opts = self._options.replace(**changes)  # validates everything, together
+        self._options = opts
+        self._policy = opts.make_policy()
+        self._timeout = opts.timeout
+        if self._stages is None:
+            self._fn = _with_padding(self._raw_fn, opts)
+        self._room.set_limit(opts.max_queue_size)
+        self._wake()
+        return opts
+
+    def _padded_size(self, rows: int) -> int:
+        return self._options.padded_size(rows)
 
     def close(self) -> None:
         """Stop accepting requests; those already queued are still run (see :meth:`aclose`).
@@ -500,8 +557,6 @@ class Batcher(Generic[InT, OutT]):
     async def _executor(self) -> None:
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         room = self._room
-        decide = self._policy.decide
-        max_queue = self._options.max_queue_size
         concurrency = self._concurrency
         clock = self._clock
         while True:
@@ -511,7 +566,8 @@ class Batcher(Generic[InT, OutT]):
             if self._closed and room.empty:
                 return
             now = clock()
-            decision = decide(
+            # Read per decision, not once: reconfigure() may have changed them since.
+            decision = self._policy.decide(
                 QueueState(
                     now=now,
                     queued_rows=room.rows,
@@ -531,6 +587,7 @@ class Batcher(Generic[InT, OutT]):
                 decision = Wait(deadline=None, wake_at_rows=1)
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
+            max_queue = room.max_rows
             if wake_at is not None and max_queue is not None:
                 wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
             timer = (

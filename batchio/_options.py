@@ -16,7 +16,14 @@ from typing import Final, Literal, TypeAlias, TypedDict, cast, final
 from ._checks import check_int, check_seconds
 from ._policy import BatchPolicy, MaxSizeOrWait
 
-__all__ = ["DEFAULT", "BatcherOptions", "BatcherOptionsKw", "DefaultTimeout", "TimeoutArg"]
+__all__ = [
+    "DEFAULT",
+    "BatcherOptions",
+    "BatcherOptionsKw",
+    "DefaultTimeout",
+    "ReconfigureKw",
+    "TimeoutArg",
+]
 
 
 @final
@@ -54,6 +61,19 @@ class BatcherOptionsKw(TypedDict, total=False):
     isolate_errors: bool
     policy: BatchPolicy | None
     name: str | None
+
+
+class ReconfigureKw(TypedDict, total=False):
+    """The options :meth:`Batcher.reconfigure <batchio.Batcher.reconfigure>` can change live."""
+
+    max_batch_size: int
+    max_wait: float
+    allowed_batch_sizes: Sequence[int] | None
+    max_queue_size: int | None
+    timeout: float | None
+    batch_time_limit: float | None
+    isolate_errors: bool
+    policy: BatchPolicy | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

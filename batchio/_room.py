@@ -13,6 +13,7 @@ first), or at close. Until then its row still counts in the queue.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -158,6 +159,16 @@ class WaitingRoom:
             entry.state = state
         else:
             entry[STATE] = state  # type: ignore[index]
+
+    def set_limit(self, max_rows: int | None) -> None:
+        """A new ``max_queue_size``: parked requests that now fit are admitted, in order (all of
+        them when the bound is lifted); queued ones stay, whatever the new bound."""
+        if max_rows is None and self.parked_rows:
+            self.max_rows = sys.maxsize  # admit every parked request, then lift the bound
+            self.admit_parked()
+        self.max_rows = max_rows
+        if self.parked_rows:
+            self._fire()  # the executor admits what fits (admit_parked) when it looks again
 
     def admit_parked(self) -> None:
         """Move parked requests into the queue, in order, while they fit."""

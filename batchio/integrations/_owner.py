@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, Unpack
 
-from .. import DEFAULT, Batcher, BatcherOptions, BatcherOptionsKw, BatcherStatistics, TimeoutArg
+from .. import (
+    DEFAULT,
+    Batcher,
+    BatcherOptions,
+    BatcherOptionsKw,
+    BatcherStatistics,
+    ReconfigureKw,
+    TimeoutArg,
+)
 from .._options import options_from
 
 InT = TypeVar("InT")
@@ -56,6 +64,10 @@ class BatcherOwner(Generic[InT, OutT]):
     async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
         """Submit several inputs as one request and return their results, in order."""
         return await self.batcher.map(items, timeout=timeout)
+
+    def reconfigure(self, **changes: Unpack[ReconfigureKw]) -> BatcherOptions:
+        """Change the owned batcher's options live (see :meth:`batchio.Batcher.reconfigure`)."""
+        return self.batcher.reconfigure(**changes)
 
     def statistics(self) -> BatcherStatistics:
         """The owned batcher's :class:`batchio.BatcherStatistics`."""
