@@ -6,18 +6,17 @@ module-level, so the spawned worker processes can unpickle them.
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from batchio import Batcher, Stages
 
-pytestmark = pytest.mark.anyio
+# Shared with the main tests of prepare_processes (module-level, so the workers can unpickle them).
+from tests.test_stage_processes import outcomes, prepare_or_hang, run_rows
 
-F = TypeVar("F", bound=Callable[..., Any])
+pytestmark = pytest.mark.anyio
 
 
 class TwoArgError(Exception):
@@ -36,20 +35,6 @@ def prepare_two_arg_error(items: list[int]) -> list[int]:
 def prepare_unpicklable_row(items: list[int]) -> list[Any]:
     """A row that cannot be pickled back (a lock) for 13; the others times ten."""
     return [threading.Lock() if x == 13 else x * 10 for x in items]
-
-
-def prepare_or_hang(items: list[int]) -> list[int]:
-    if any(x < 0 for x in items):
-        threading.Event().wait()  # only terminating the process ends this
-    return [x * 10 for x in items]
-
-
-def run_rows(rows: list[Any]) -> list[Any]:
-    return rows
-
-
-async def outcomes(batcher: Batcher[int, Any], items: list[int]) -> list[Any]:
-    return await asyncio.gather(*(batcher(x) for x in items), return_exceptions=True)
 
 
 async def test_an_exception_that_does_not_unpickle_fails_only_its_row() -> None:

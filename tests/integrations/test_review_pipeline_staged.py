@@ -7,8 +7,7 @@ now shared by every staging of the pipeline (keyed by its tokenizer).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -18,8 +17,6 @@ pytest.importorskip("transformers")
 from batchio.integrations.transformers import PipelineStages
 
 from .test_pipeline_staged import build
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 GATE_SECONDS = 60.0  # only a guard against a hang
 OVERLAP_SECONDS = 2.0  # how long the probe may take to get in; it never may while the gate holds
