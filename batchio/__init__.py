@@ -15,6 +15,8 @@ from ._decorator import BatchedMethod as BatchedMethod
 from ._decorator import batch as batch
 from ._devexec import DeviceExecutor as DeviceExecutor
 from ._devexec import Share as Share
+from ._estimates import RunTimeModel as RunTimeModel
+from ._estimates import SizeUnit as SizeUnit
 from ._exceptions import BatcherBrokenError as BatcherBrokenError
 from ._exceptions import BatcherClosedError as BatcherClosedError
 from ._exceptions import BatcherLoopError as BatcherLoopError
@@ -25,6 +27,7 @@ from ._exceptions import BatchSizeMismatchError as BatchSizeMismatchError
 from ._exceptions import BatchStalledError as BatchStalledError
 from ._exceptions import DeviceClosedError as DeviceClosedError
 from ._exceptions import QueueFullError as QueueFullError
+from ._exceptions import RequestShedError as RequestShedError
 from ._exceptions import RequestTimeoutError as RequestTimeoutError
 from ._options import DEFAULT as DEFAULT
 from ._options import BatcherOptions as BatcherOptions
@@ -32,14 +35,18 @@ from ._options import BatcherOptionsKw as BatcherOptionsKw
 from ._options import DefaultTimeout as DefaultTimeout
 from ._options import ReconfigureKw as ReconfigureKw
 from ._options import TimeoutArg as TimeoutArg
+from ._options import WhenFull as WhenFull
 from ._policy import BatchPolicy as BatchPolicy
 from ._policy import Dispatch as Dispatch
+from ._policy import LatencyTarget as LatencyTarget
 from ._policy import MaxSizeOrWait as MaxSizeOrWait
+from ._policy import Plan as Plan
 from ._policy import QueueState as QueueState
 from ._policy import Wait as Wait
 from ._stages import Stages as Stages
 from ._stats import BatcherStatistics as BatcherStatistics
 from ._stats import Percentiles as Percentiles
+from ._stats import SchedulerStatistics as SchedulerStatistics
 from ._stats import StageStatistics as StageStatistics
 
 try:
@@ -69,18 +76,25 @@ __all__ = (
     "DeviceClosedError",
     "DeviceExecutor",
     "Dispatch",
+    "LatencyTarget",
     "MaxSizeOrWait",
     "Percentiles",
+    "Plan",
     "QueueFullError",
     "QueueState",
     "ReconfigureKw",
+    "RequestShedError",
     "RequestTimeoutError",
+    "RunTimeModel",
+    "SchedulerStatistics",
     "Share",
+    "SizeUnit",
     "StageStatistics",
     "Stages",
     "SyncBatchFn",
     "TimeoutArg",
     "Wait",
+    "WhenFull",
     "__version__",
     "batch",
 )

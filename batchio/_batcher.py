@@ -14,10 +14,11 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Generic, NoReturn, TypeAlias, TypeVar, Unpack, cast, final
 
-from ._checks import check_seconds, check_timeout
+from ._checks import check_cost, check_priority, check_seconds, check_timeout
+from ._estimates import RateMeter, RunTimeLearner
 from ._exceptions import (
     BatcherBrokenError,
     BatcherClosedError,
@@ -35,12 +36,12 @@ from ._options import (
 )
 from ._outcomes import Outcomes
 from ._outputs import output_rows
-from ._policy import Dispatch, QueueState, Wait
+from ._policy import Dispatch, LatencyTarget, QueueState, Wait
 from ._request import FUT, QUEUED, Batch, Entry, Request
 from ._room import WaitingRoom
 from ._stages import STALLED, Pipeline, Stages, StageWork
 from ._stats import STALLED as STALLED_COUNT
-from ._stats import BatcherStatistics, Tally
+from ._stats import BatcherStatistics, SchedulerLog, SchedulerStatistics, Tally
 from ._worker import Job, WorkerThreads, call_async, call_sync, is_async_callable
 
 __all__ = ["AsyncBatchFn", "Batcher", "SyncBatchFn"]
@@ -57,7 +58,7 @@ _log: Final = logging.getLogger("batchio")
 _running_loop: Final = asyncio._get_running_loop  # the C accessor: None outside a loop, no raise
 _INF: Final = float("inf")
 _PROPAGATE: Final = (KeyboardInterrupt, SystemExit)
-_FIXED_OPTIONS: Final = frozenset({"max_concurrent_batches", "when_full", "name"})
+_FIXED_OPTIONS: Final = frozenset({"max_concurrent_batches", "when_full", "name", "batch_cost"})
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -100,11 +101,15 @@ class Batcher(Generic[InT, OutT]):
         "_clock",
         "_closed",
         "_concurrency",
+        "_cost_fn",
         "_executor_task",
+        "_fast",
         "_fn",
         "_in_flight",
         "_is_async",
+        "_learner",
         "_loop",
+        "_meter",
         "_name",
         "_open_loop",
         "_options",
@@ -114,6 +119,7 @@ class Batcher(Generic[InT, OutT]):
         "_raw_fn",
         "_room",
         "_running",
+        "_sched",
         "_stages",
         "_tally",
         "_threads",
@@ -150,8 +156,19 @@ class Batcher(Generic[InT, OutT]):
         self._tally = Tally()
         self._outcomes = Outcomes(self._tally, self._forget)
         self._room = WaitingRoom(
-            opts.max_queue_size, opts.when_full == "wait", self._tally, self._outcomes, self._wake
+            opts.max_queue_size,
+            opts.when_full == "wait",
+            self._tally,
+            self._outcomes,
+            self._wake,
+            shed=opts.when_full == "shed",
         )
+        self._cost_fn = opts.batch_cost
+        self._fast = False
+        self._learner = RunTimeLearner("rows" if opts.batch_cost is None else "cost")
+        self._meter = RateMeter()
+        self._sched = SchedulerLog()
+        self._apply(opts)
         self._running: dict[asyncio.Task[None], Batch] = {}
         self._abandoned_tasks: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
@@ -277,9 +294,20 @@ class Batcher(Generic[InT, OutT]):
         self._timeout = opts.timeout
         if self._stages is None:
             self._fn = _with_padding(self._raw_fn, opts)
+        self._apply(opts)
         self._room.set_limit(opts.max_queue_size)
         self._wake()
         return opts
+
+    def _apply(self, opts: BatcherOptions) -> None:
+        """Hand the options the call path and the waiting room read to them."""
+        # A call is a fast entry (no Request object) when it needs no bookkeeping.
+        self._fast = opts.timeout is None and opts.batch_cost is None
+        room = self._room
+        room.costed = opts.batch_cost is not None
+        room.padded = opts.padded_cost
+        room.bucket_window = opts.bucket_window or 0
+        room.max_bypass = opts.max_bypass
 
     def _padded_size(self, rows: int) -> int:
         return self._options.padded_size(rows)
@@ -402,7 +430,9 @@ class Batcher(Generic[InT, OutT]):
 
     # -- calls -----------------------------------------------------------------------------------
 
-    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+    async def __call__(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> OutT:
         """Submit one item and return its result.
 
         A coroutine: ``await b(x)``, ``asyncio.create_task(b(x))``, ``task_group.start_soon(b,
@@ -414,6 +444,9 @@ class Batcher(Generic[InT, OutT]):
             item: one input for ``fn``.
             timeout: seconds until this request's deadline; ``None`` for no deadline; by default
                 (:data:`~batchio.DEFAULT`) the batcher's ``timeout`` option.
+            priority: an ``int``; higher is served first. Within one priority, the earliest
+                deadline goes first (a request without one after those with one), then the
+                earliest arrival. See :doc:`scheduling`.
 
         Raises:
             RequestTimeoutError: the deadline passed first.
@@ -429,13 +462,18 @@ class Batcher(Generic[InT, OutT]):
         """
         loop = self._open_loop
         entry: Entry
-        if timeout is DEFAULT and self._timeout is None and _running_loop() is loop is not None:
+        if (
+            timeout is DEFAULT
+            and not priority
+            and self._fast
+            and _running_loop() is loop is not None
+        ):
             # The common case, inlined (one Python call less per request than _enqueue).
             fut = loop.create_future()
             entry = [fut, item, self._clock(), QUEUED]
             self._room.put_fast(entry)
         else:
-            entry = self._enqueue(item, timeout)
+            entry = self._enqueue(item, timeout, priority)
             fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
         try:
             result: OutT = await fut
@@ -447,7 +485,9 @@ class Batcher(Generic[InT, OutT]):
 
     submit = __call__
 
-    def submit_nowait(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> asyncio.Future[OutT]:
+    def submit_nowait(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> asyncio.Future[OutT]:
         """Submit one item now and return its future: the fast twin of ``await b(item)``.
 
         The request is queued before this returns, so ``asyncio.gather(b.submit_nowait(x),
@@ -457,31 +497,47 @@ class Batcher(Generic[InT, OutT]):
         Same arguments and errors as :meth:`__call__`.
         """
         loop = self._open_loop
-        if timeout is DEFAULT and self._timeout is None and _running_loop() is loop is not None:
+        if (
+            timeout is DEFAULT
+            and not priority
+            and self._fast
+            and _running_loop() is loop is not None
+        ):
             fut = loop.create_future()  # the common case, inlined as in __call__
             self._room.put_fast([fut, item, self._clock(), QUEUED])
             return fut
-        entry = self._enqueue(item, timeout)
+        entry = self._enqueue(item, timeout, priority)
         return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
-    def _enqueue(self, item: Any, timeout: TimeoutArg) -> Entry:
-        # Every call that is not the inlined common case: refusals, deadlines, per-call timeouts.
+    def _enqueue(self, item: Any, timeout: TimeoutArg, priority: int) -> Entry:
+        # Every call that is not the inlined common case: refusals, deadlines, per-call timeouts,
+        # priorities, costs.
         loop = self._open_loop
         if loop is None or _running_loop() is not loop:
             self._refuse()
-        fut = loop.create_future()
-        now = self._clock()
         t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
-        if t is None:
+        p = check_priority(priority) if priority else 0
+        cost_fn = self._cost_fn
+        cost = 0.0 if cost_fn is None else check_cost(cost_fn(item))
+        now = self._clock()
+        fut = loop.create_future()
+        if t is None and not p and cost_fn is None:
             entry = [fut, item, now, QUEUED]
             self._room.put_fast(entry)
             return entry
         req = Request(fut, item, None, now)
+        req.priority = p
+        req.cost = cost
+        if t is not None:
+            req.deadline = now + t  # ranked by it when queued; the timer is armed once admitted
         self._room.put(req)
-        req.set_deadline(loop, t, self._expire)
+        if t is not None:
+            req.set_deadline(loop, t, self._expire)
         return req
 
-    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
+    async def map(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> list[OutT]:
         """Submit several items as one request and return their results, in order.
 
         The request counts its rows toward ``max_batch_size``; when it is larger than the room
@@ -489,7 +545,7 @@ class Batcher(Generic[InT, OutT]):
         as a whole with the first error any of its rows gets. An empty request returns ``[]``.
         Same arguments and errors as :meth:`__call__`.
         """
-        req = self._enqueue_map(items, timeout)
+        req = self._enqueue_map(items, timeout, priority)
         try:
             results: list[OutT] = await req.future
         except asyncio.CancelledError:
@@ -499,21 +555,30 @@ class Batcher(Generic[InT, OutT]):
         return results
 
     def map_nowait(
-        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
     ) -> asyncio.Future[list[OutT]]:
         """The future-returning twin of :meth:`map` (see :meth:`submit_nowait`)."""
-        return self._enqueue_map(items, timeout).future
+        return self._enqueue_map(items, timeout, priority).future
 
-    def _enqueue_map(self, items: Iterable[InT], timeout: TimeoutArg) -> Request:
+    def _enqueue_map(self, items: Iterable[InT], timeout: TimeoutArg, priority: int) -> Request:
         loop = self._open_loop
         if loop is None or _running_loop() is not loop:
             self._refuse()
         t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
+        p = check_priority(priority) if priority else 0
         rows = list(items)
+        cost_fn = self._cost_fn
+        costs = None if cost_fn is None else [check_cost(cost_fn(x)) for x in rows]
         req = Request(loop.create_future(), None, rows, self._clock())
         if not rows:
             self._outcomes.accept_empty(req)
             return req
+        req.priority = p
+        if costs is not None:
+            req.costs = costs
+            req.cost = sum(costs)
+        if t is not None:
+            req.deadline = req.enqueued_at + t
         self._room.put(req)
         if t is not None:
             req.set_deadline(loop, t, self._expire)
@@ -566,19 +631,25 @@ class Batcher(Generic[InT, OutT]):
             if self._closed and room.empty:
                 return
             now = clock()
-            # Read per decision, not once: reconfigure() may have changed them since.
-            decision = self._policy.decide(
-                QueueState(
-                    now=now,
-                    queued_rows=room.rows,
-                    oldest_enqueued_at=room.oldest_enqueued_at(),
-                    free_slots=concurrency - self._in_flight,
-                    closing=self._closed,
-                    queue_full=room.full,
-                )
+            state = QueueState(
+                now=now,
+                queued_rows=room.rows,
+                oldest_enqueued_at=room.oldest_enqueued_at(),
+                free_slots=concurrency - self._in_flight,
+                closing=self._closed,
+                queue_full=room.full,
+                in_flight=self._in_flight,
+                earliest_deadline=room.earliest_deadline(),
+                queued_cost=room.cost,
+                arrival_rate=self._meter.sample(now, room.arrived),
+                model=self._learner.model,
             )
+            sched = self._sched
+            sched.last_state = state
+            # Read per decision, not once: reconfigure() may have changed it since.
+            decision = self._policy.decide(state)
             if isinstance(decision, Dispatch):
-                if self._dispatch(max(1, decision.rows), now) or not room.empty or self._closed:
+                if self._dispatch(decision, state) or not room.empty or self._closed:
                     # Look again: rows the batch timed out may have made room for parked ones,
                     # or emptied a closing queue (then the executor exits at the top).
                     continue
@@ -590,10 +661,14 @@ class Batcher(Generic[InT, OutT]):
             max_queue = room.max_rows
             if wake_at is not None and max_queue is not None:
                 wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
-            timer = (
-                None if decision.deadline is None else loop.call_at(decision.deadline, self._wake)
+            timer = None
+            if decision.deadline is not None:
+                timer = loop.call_at(decision.deadline, self._wake)
+                sched.last_wait = max(0.0, decision.deadline - now)
+            wake_cost = decision.wake_at_cost
+            room.wake_at(  # wakes at once if already there
+                _INF if wake_at is None else wake_at, _INF if wake_cost is None else wake_cost
             )
-            room.wake_at(_INF if wake_at is None else wake_at)  # wakes at once if already there
             try:
                 await waiter
             finally:
@@ -602,12 +677,27 @@ class Batcher(Generic[InT, OutT]):
                 if timer is not None:
                     timer.cancel()
 
-    def _dispatch(self, rows: int, now: float) -> bool:
-        """Start a batch of up to ``rows`` rows; False if there was nothing live to take."""
-        batch, waits = self._room.take(rows, now)
+    def _dispatch(self, decision: Dispatch, state: QueueState) -> bool:
+        """Start the batch ``decision`` asks for; False if there was nothing live to take."""
+        rows = max(1, decision.rows)
+        now = state.now
+        hopeless_before = None
+        model = state.model
+        if self._options.early_timeout and model is not None:
+            size: float = rows
+            if model.unit == "cost":
+                size = state.queued_cost
+                if decision.max_cost is not None:
+                    size = min(size, decision.max_cost)
+            hopeless_before = now + model.predict(size)
+        batch, waits = self._room.take(rows, now, decision.max_cost, hopeless_before)
         self._tally.queue_waits.extend(waits)
         if not batch.inputs:
             return False
+        sched = self._sched
+        reason = decision.reason or type(self._policy).__name__
+        sched.last_reason = reason
+        sched.reasons[reason] += 1
         self._in_flight += 1
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         task = loop.create_task(self._run_batch(batch, now))
@@ -662,7 +752,7 @@ class Batcher(Generic[InT, OutT]):
         limit = self._options.batch_time_limit
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         delivered = False
-        outcomes: Any
+        outcomes: Any = None
         try:
             try:
                 if self._pipeline is not None:
@@ -708,7 +798,13 @@ class Batcher(Generic[InT, OutT]):
             raise
         finally:
             batch.job = batch.pool = None
-            self._tally.batch_ran(n, self._clock() - dispatched_at)
+            seconds = self._clock() - dispatched_at
+            self._tally.batch_ran(n, seconds)
+            if delivered and outcomes is not STALLED:
+                # The run-time model learns from every batch that ran to its end (a failed one
+                # too: it took the device as long); the size is what the function saw.
+                size = batch.cost if self._cost_fn is not None else self._padded_size(n)
+                self._learner.observe(size, seconds)
             if not delivered:
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
                 # be left waiting on a batch that will never report.
@@ -795,6 +891,29 @@ class Batcher(Generic[InT, OutT]):
             abandoned_workers=abandoned,
             stages=stages,
             device_busy_fraction=busy,
+            scheduler=self._scheduler_statistics(),
+        )
+
+    def _scheduler_statistics(self) -> SchedulerStatistics:
+        sched = self._sched
+        policy = self._policy
+        state = sched.last_state
+        cap = target = None
+        if isinstance(policy, LatencyTarget) and state is not None:
+            plan = policy.plan(state)  # pure: safe from any thread
+            cap, target = plan.cap, plan.target
+        return SchedulerStatistics(
+            policy=type(policy).__name__,
+            latency_target=self._options.latency_target,
+            model=self._learner.model,
+            arrival_rate=state.arrival_rate if state is not None else 0.0,
+            cap=cap,
+            target=target,
+            wait=sched.last_wait,
+            last_reason=sched.last_reason,
+            dispatch_reasons=MappingProxyType(dict(sched.reasons)),
+            early_timeouts=self._room.early_timeouts,
+            shed=self._room.shed_count,
         )
 
 

@@ -50,3 +50,39 @@ def check_seconds(
 def check_timeout(value: Any) -> float | None:
     """A per-request ``timeout=``: seconds > 0, or ``None`` for no deadline."""
     return check_seconds("timeout", value, allow_none=True)
+
+
+def check_priority(value: Any) -> int:
+    """A per-call ``priority=``: any ``int`` (higher is served first); bools refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"priority must be an int, got {_kind(value)}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"priority must be an int, got {_kind(value)}") from None
+
+
+def check_cost(value: Any) -> float:
+    """What ``batch_cost(item)`` returned: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)  # numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            raise TypeError(f"batch_cost must return a number, got {_kind(value)}") from None
+    cost = float(value)
+    if not (math.isfinite(cost) and cost >= 0):
+        raise ValueError(f"batch_cost must return a finite number >= 0, got {value!r}")
+    return cost
+
+
+def check_positive(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+    """``value`` as a finite number > 0 (``None`` too if ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be a number > 0{none}, got {_kind(value)}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number

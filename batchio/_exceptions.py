@@ -42,8 +42,10 @@ class BatchioError(Exception):
 class QueueFullError(BatchioError):
     """Raised by a submit when the queue already holds ``max_queue_size`` rows.
 
-    Only raised with ``when_full="reject"`` (the default), or when a single request has more rows
-    than ``max_queue_size`` and so could never fit.
+    Raised with ``when_full="reject"`` (the default) or ``"shed"`` (when nothing of lower priority
+    can make room), or when a single request has more rows than ``max_queue_size`` and so could
+    never fit. Its subclass :class:`RequestShedError` fails a queued request shed for a
+    higher-priority one.
     """
 
     def __init__(self, queued: int, requested: int, max_queue_size: int) -> None:
@@ -54,6 +56,31 @@ class QueueFullError(BatchioError):
             f"queue full: {queued} rows queued, {requested} more requested, "
             f"max_queue_size={max_queue_size}"
         )
+
+
+class RequestShedError(QueueFullError):
+    """Delivered to a queued request that was shed to make room for a higher-priority one.
+
+    Only with ``when_full="shed"``: a request that arrives at a full queue evicts queued requests
+    of strictly lower priority (the lowest first, the latest-ranked within it), which fail with
+    this error. A subclass of :class:`QueueFullError`, so a handler of overload catches both.
+
+    Attributes:
+        priority: the shed request's priority.
+        by_priority: the priority of the request it made room for.
+    """
+
+    def __init__(self, priority: int, by_priority: int, max_queue_size: int) -> None:
+        self.priority = priority
+        self.by_priority = by_priority
+        BatchioError.__init__(
+            self,
+            f"request shed from a full queue (max_queue_size={max_queue_size}): priority "
+            f"{priority} made room for a request of priority {by_priority}",
+        )
+        self.queued = max_queue_size
+        self.requested = 0
+        self.max_queue_size = max_queue_size
 
 
 class BatcherClosedError(BatchioError):
@@ -91,12 +118,20 @@ class RequestTimeoutError(BatchioError, TimeoutError):
     A request whose deadline passes while it is still queued is never handed to the batch
     function. One whose deadline passes while its batch runs gets this error at the deadline, and
     its result is dropped when the batch finishes.
+
+    With ``early_timeout=True`` a queued request is also failed with it, ``early`` set, as soon
+    as the batch being formed is predicted to finish after its deadline (see
+    :doc:`scheduling`): it never takes a slot in a batch whose result would come too late.
     """
 
-    def __init__(self, timeout: float, *, dispatched: bool) -> None:
+    def __init__(self, timeout: float, *, dispatched: bool, early: bool = False) -> None:
         self.timeout = timeout
         self.dispatched = dispatched
-        where = "while its batch was running" if dispatched else "while queued"
+        self.early = early
+        if early:
+            where = "failed early: its batch was predicted to finish after the deadline"
+        else:
+            where = "while its batch was running" if dispatched else "while queued"
         super().__init__(f"request timed out after {timeout:g} s ({where})")
 
 

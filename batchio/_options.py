@@ -9,12 +9,12 @@ Unpack[BatcherOptionsKw]``), so type checkers see each name and type; a test kee
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias, TypedDict, cast, final
+from typing import Any, Final, Literal, TypeAlias, TypedDict, cast, final
 
-from ._checks import check_int, check_seconds
-from ._policy import BatchPolicy, MaxSizeOrWait
+from ._checks import check_int, check_positive, check_seconds
+from ._policy import BatchPolicy, LatencyTarget, MaxSizeOrWait
 
 __all__ = [
     "DEFAULT",
@@ -23,6 +23,7 @@ __all__ = [
     "DefaultTimeout",
     "ReconfigureKw",
     "TimeoutArg",
+    "WhenFull",
 ]
 
 
@@ -46,6 +47,9 @@ DEFAULT: Final = DefaultTimeout()
 TimeoutArg: TypeAlias = "float | DefaultTimeout | None"
 """What a per-call ``timeout=`` accepts: seconds, ``None`` (no deadline) or :data:`DEFAULT`."""
 
+WhenFull: TypeAlias = Literal["reject", "wait", "shed"]
+"""What a call does at a full queue (see :attr:`BatcherOptions.when_full`)."""
+
 
 class BatcherOptionsKw(TypedDict, total=False):
     """The options of :class:`BatcherOptions`, as keyword arguments (each one optional)."""
@@ -55,12 +59,19 @@ class BatcherOptionsKw(TypedDict, total=False):
     max_concurrent_batches: int | None
     allowed_batch_sizes: Sequence[int] | None
     max_queue_size: int | None
-    when_full: Literal["reject", "wait"]
+    when_full: WhenFull
     timeout: float | None
     batch_time_limit: float | None
     isolate_errors: bool
     policy: BatchPolicy | None
     name: str | None
+    latency_target: float | None
+    early_timeout: bool
+    batch_cost: Callable[[Any], float] | None
+    max_batch_cost: float | None
+    padded_cost: bool
+    bucket_window: int | None
+    max_bypass: int
 
 
 class ReconfigureKw(TypedDict, total=False):
@@ -74,6 +85,12 @@ class ReconfigureKw(TypedDict, total=False):
     batch_time_limit: float | None
     isolate_errors: bool
     policy: BatchPolicy | None
+    latency_target: float | None
+    early_timeout: bool
+    max_batch_cost: float | None
+    padded_cost: bool
+    bucket_window: int | None
+    max_bypass: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,7 +115,9 @@ class BatcherOptions:
         max_queue_size: the most rows that may wait in the queue; ``None`` for no bound.
         when_full: what a call does when the queue is full: ``"reject"`` raises
             :class:`~batchio.QueueFullError` at once, ``"wait"`` waits (FIFO) for room, within
-            the request's timeout.
+            the request's timeout, and ``"shed"`` makes room by failing queued requests of
+            lower priority (the lowest-ranked first) with :class:`~batchio.RequestShedError`,
+            and raises ``QueueFullError`` when nothing of lower priority is queued.
         timeout: default deadline, in seconds from the call, of each request; ``None`` for none.
             A call overrides it with ``timeout=`` (``None`` there removes it).
         batch_time_limit: seconds one batch may run, from when a worker thread starts it
@@ -111,6 +130,27 @@ class BatcherOptions:
         policy: a custom :class:`~batchio.BatchPolicy`; replaces ``max_batch_size`` and
             ``max_wait``.
         name: a name for logs, reprs and worker threads (default: ``fn``'s qualified name).
+        latency_target: seconds: turns on the adaptive policy (:class:`~batchio.LatencyTarget`),
+            which keeps queue wait plus run time under this at the p99 while the load allows,
+            dispatching at once when the device is idle and growing batches (up to
+            ``max_batch_size``) as load rises. ``max_wait`` is then unused. ``None`` (the
+            default): the static ``max_batch_size``-or-``max_wait`` rule.
+        early_timeout: fail a queued request with :class:`~batchio.RequestTimeoutError`
+            (``early=True``) as soon as the batch being formed is predicted (by the learned
+            run-time model) to finish after its deadline, instead of running it too late.
+        batch_cost: a function of one input giving its cost (its token count, say), a finite
+            number >= 0; called on the event loop when the call is made (an error there is that
+            call's). Enables ``max_batch_cost`` and ``bucket_window``, and the adaptive policy
+            then models run time against cost instead of rows.
+        max_batch_cost: the most cost one batch may hold: a batch stops before the row that
+            would take it over. A single row over the budget runs alone. ``None``: no budget.
+        padded_cost: a batch costs its largest row's cost times its rows (what a padded
+            tensor costs) rather than the sum of its rows' costs.
+        bucket_window: batch formation may choose rows from the first this many queued
+            requests, preferring those whose cost is close to the front request's, so that
+            padded batches pad little. ``None`` (the default): strict rank order.
+        max_bypass: with ``bucket_window``, the most batches that may take requests ranked
+            after a waiting request before it is served: the starvation bound.
     """
 
     max_batch_size: int = 32
@@ -118,12 +158,19 @@ class BatcherOptions:
     max_concurrent_batches: int | None = None
     allowed_batch_sizes: Sequence[int] | None = None
     max_queue_size: int | None = None
-    when_full: Literal["reject", "wait"] = "reject"
+    when_full: WhenFull = "reject"
     timeout: float | None = None
     batch_time_limit: float | None = None
     isolate_errors: bool = False
     policy: BatchPolicy | None = None
     name: str | None = None
+    latency_target: float | None = None
+    early_timeout: bool = False
+    batch_cost: Callable[[Any], float] | None = None
+    max_batch_cost: float | None = None
+    padded_cost: bool = False
+    bucket_window: int | None = None
+    max_bypass: int = 4
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # normalise (numpy ints, ints as seconds) on a frozen instance
@@ -141,8 +188,10 @@ class BatcherOptions:
             "max_queue_size",
             check_int("max_queue_size", self.max_queue_size, minimum=1, allow_none=True),
         )
-        if self.when_full not in ("reject", "wait"):
-            raise ValueError(f'when_full must be "reject" or "wait", got {self.when_full!r}')
+        if self.when_full not in ("reject", "wait", "shed"):
+            raise ValueError(
+                f'when_full must be "reject", "wait" or "shed", got {self.when_full!r}'
+            )
         fix(self, "timeout", check_seconds("timeout", self.timeout, allow_none=True))
         fix(
             self,
@@ -160,6 +209,39 @@ class BatcherOptions:
             raise TypeError(f"name must be a str or None, got {self.name!r}")
         if self.allowed_batch_sizes is not None:
             fix(self, "allowed_batch_sizes", self._checked_sizes(self.allowed_batch_sizes))
+        self._check_scheduling()
+
+    def _check_scheduling(self) -> None:
+        fix = object.__setattr__
+        fix(
+            self,
+            "latency_target",
+            check_seconds("latency_target", self.latency_target, allow_none=True),
+        )
+        if self.latency_target is not None and self.policy is not None:
+            raise ValueError("latency_target and policy cannot both be set: pick one policy")
+        for flag in ("early_timeout", "padded_cost"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.batch_cost is not None and not callable(self.batch_cost):
+            raise TypeError(f"batch_cost must be a function of one input, got {self.batch_cost!r}")
+        fix(
+            self,
+            "max_batch_cost",
+            check_positive("max_batch_cost", self.max_batch_cost, allow_none=True),
+        )
+        fix(
+            self,
+            "bucket_window",
+            check_int("bucket_window", self.bucket_window, minimum=1, allow_none=True),
+        )
+        fix(self, "max_bypass", check_int("max_bypass", self.max_bypass, minimum=0))
+        if self.batch_cost is None:
+            for name in ("max_batch_cost", "bucket_window"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs batch_cost (the cost of one input)")
+            if self.padded_cost:
+                raise ValueError("padded_cost needs batch_cost (the cost of one input)")
 
     def _checked_sizes(self, sizes: object) -> tuple[int, ...]:
         if isinstance(sizes, str | bytes) or not hasattr(sizes, "__iter__"):
@@ -196,7 +278,9 @@ class BatcherOptions:
         """The policy these options describe."""
         if self.policy is not None:
             return self.policy
-        return MaxSizeOrWait(self.max_batch_size, self.max_wait)
+        if self.latency_target is not None:
+            return LatencyTarget(self.latency_target, self.max_batch_size, self.max_batch_cost)
+        return MaxSizeOrWait(self.max_batch_size, self.max_wait, self.max_batch_cost)
 
 
 def options_from(options: BatcherOptions | None, changes: BatcherOptionsKw) -> BatcherOptions:

@@ -121,10 +121,11 @@ class Outcomes:
         self.tally.counts[COMPLETED] += 1
         req.future.set_result([])
 
-    def time_out(self, req: Request) -> None:
-        """``req``'s deadline passed (its timer fired, or a batch formed without it)."""
+    def time_out(self, req: Request, *, early: bool = False) -> None:
+        """``req``'s deadline passed (its timer fired, or a batch formed without it), or, with
+        ``early``, its batch is predicted to finish after it."""
         dispatched = req.undispatched < req.rows
-        self.fail(req, RequestTimeoutError(req.timeout, dispatched=dispatched))
+        self.fail(req, RequestTimeoutError(req.timeout, dispatched=dispatched, early=early))
 
     # -- many requests -----------------------------------------------------------------------------
 

@@ -8,12 +8,24 @@ numbers (see ``tests/test_policy.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+import math
+from dataclasses import dataclass, field
+from typing import Final, Protocol, runtime_checkable
 
 from ._checks import check_int, check_seconds
+from ._estimates import RunTimeModel
 
-__all__ = ["BatchPolicy", "Dispatch", "MaxSizeOrWait", "QueueState", "Wait"]
+__all__ = [
+    "BatchPolicy",
+    "Dispatch",
+    "LatencyTarget",
+    "MaxSizeOrWait",
+    "Plan",
+    "QueueState",
+    "Wait",
+]
+
+_INF: Final = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +40,12 @@ class QueueState:
         closing: the batcher no longer accepts requests and is draining its queue.
         queue_full: the queue holds ``max_queue_size`` rows (or requests wait for room), so the
             batch cannot grow by waiting.
+        in_flight: batches running now.
+        earliest_deadline: the earliest deadline (``loop.time()``) of a queued request, if any.
+        queued_cost: the ``batch_cost`` of the queued rows (0.0 without a cost function).
+        arrival_rate: rows (or cost, with a cost function) arriving per second, recently.
+        model: the fitted run-time model, once a batch has finished (see
+            :class:`~batchio.RunTimeModel`).
     """
 
     now: float
@@ -36,13 +54,21 @@ class QueueState:
     free_slots: int
     closing: bool
     queue_full: bool = False
+    in_flight: int = 0
+    earliest_deadline: float | None = None
+    queued_cost: float = 0.0
+    arrival_rate: float = 0.0
+    model: RunTimeModel | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Start a batch now with at most ``rows`` rows, taken from the front of the queue."""
+    """Start a batch now with at most ``rows`` rows (and at most ``max_cost`` of ``batch_cost``,
+    if set), taken from the front of the queue; ``reason`` says why, for the statistics."""
 
     rows: int
+    max_cost: float | None = None
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +76,13 @@ class Wait:
     """Wait for something to change before asking again.
 
     The executor is woken at ``deadline`` (a ``loop.time()`` value; ``None`` for no timer), when
-    the queue reaches ``wake_at_rows`` rows (``None``: arrivals do not wake it), when a batch
-    finishes, or when the batcher closes.
+    the queue reaches ``wake_at_rows`` rows (``None``: arrivals do not wake it) or
+    ``wake_at_cost`` of cost, when a batch finishes, or when the batcher closes.
     """
 
     deadline: float | None
     wake_at_rows: int | None
+    wake_at_cost: float | None = None
 
 
 @runtime_checkable
@@ -81,13 +108,15 @@ class MaxSizeOrWait:
     """The default policy: dispatch when a full batch is queued, or when the oldest queued row has
     waited ``max_wait`` seconds, whichever comes first.
 
-    While every batch slot is busy it waits for a batch to finish, and the next batch then forms
-    from the backlog at once. While closing, or when the queue is full (``max_queue_size``), it
-    dispatches whatever is queued without waiting.
+    A batch is also full when the queued rows' cost reaches ``max_batch_cost`` (with a
+    ``batch_cost``). While every batch slot is busy it waits for a batch to finish, and the next
+    batch then forms from the backlog at once. While closing, or when the queue is full
+    (``max_queue_size``), it dispatches whatever is queued without waiting.
     """
 
     max_batch_size: int
     max_wait: float
+    max_batch_cost: float | None = None
 
     def __post_init__(self) -> None:
         fix = object.__setattr__
@@ -101,9 +130,138 @@ class MaxSizeOrWait:
         if state.queued_rows <= 0 or state.oldest_enqueued_at is None:
             return Wait(deadline=None, wake_at_rows=1)
         rows = min(state.queued_rows, self.max_batch_size)
-        if state.closing or state.queue_full or state.queued_rows >= self.max_batch_size:
-            return Dispatch(rows)
+        budget = self.max_batch_cost
+        if state.closing:
+            return Dispatch(rows, budget, "closing")
+        if state.queue_full:
+            return Dispatch(rows, budget, "queue full")
+        if state.queued_rows >= self.max_batch_size or (
+            budget is not None and state.queued_cost >= budget
+        ):
+            return Dispatch(rows, budget, "full")
         deadline = state.oldest_enqueued_at + self.max_wait
         if state.now >= deadline:
-            return Dispatch(rows)
-        return Wait(deadline=deadline, wake_at_rows=self.max_batch_size)
+            return Dispatch(rows, budget, "max_wait")
+        return Wait(deadline=deadline, wake_at_rows=self.max_batch_size, wake_at_cost=budget)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What :class:`LatencyTarget` makes of a :class:`QueueState` (in the model's unit: rows,
+    or cost with a ``batch_cost``).
+
+    Attributes:
+        cap: the largest batch predicted to run within half the latency target (never less
+            than one row; ``max_batch_size`` / ``max_batch_cost`` bound it too).
+        target: the batch size that keeps up with the arrivals, with headroom: while a batch
+            is in flight, the next one waits for this much (or for ``latest``).
+        latest: when the next batch must start for the most urgent queued request to finish
+            within the target (or its deadline); ``None`` with nothing queued.
+    """
+
+    cap: float
+    target: float
+    latest: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyTarget:
+    """The adaptive policy: keep queue wait plus run time under ``latency_target`` (at the p99)
+    while the load allows it, with batches as large as the load needs and no larger.
+
+    It reads the fitted :class:`~batchio.RunTimeModel` and the arrival rate from the
+    :class:`QueueState` (the executor learns both), and decides, in this order:
+
+    1. no free batch slot: wait for one; nothing queued: wait for an arrival;
+    2. closing, or the queue full: dispatch;
+    3. a full batch queued (``cap``: the largest batch predicted to run within half the target,
+       bounded by ``max_batch_size`` and ``max_batch_cost``): dispatch it;
+    4. no batch in flight (the device is idle): dispatch what is queued at once, since waiting
+       would only add latency; so a lone request costs about a direct call;
+    5. otherwise (a batch is running and a slot is free): wait until ``target`` is queued
+       (the size at which batches keep up with the arrivals, times ``headroom``) or until
+       ``latest`` (when the most urgent request must start to finish within half the target,
+       or before its own deadline), then dispatch.
+
+    Under light load it behaves like ``max_wait=0``; as load rises, work queued while the device
+    is busy forms larger batches, up to ``cap``. Half the target is left for queueing: a request
+    waits for the batch ahead of it and then its own, each predicted within half of it.
+    """
+
+    latency_target: float
+    max_batch_size: int
+    max_batch_cost: float | None = None
+    headroom: float = 1.25
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__
+        fix(self, "latency_target", check_seconds("latency_target", self.latency_target))
+        fix(self, "max_batch_size", check_int("max_batch_size", self.max_batch_size, minimum=1))
+
+    def plan(self, state: QueueState) -> Plan:
+        """The cap, the target size and the latest start the decision is made from."""
+        m = state.model
+        by_cost = m is not None and m.unit == "cost"
+        ceiling = (
+            (self.max_batch_cost if self.max_batch_cost is not None else _INF)
+            if by_cost
+            else float(self.max_batch_size)
+        )
+        half = self.latency_target / 2
+        if m is None:
+            cap = ceiling
+        else:
+            cap = min(ceiling, max(m.largest_within(half), 1.0))  # a lone row always runs
+        target = cap
+        rate = state.arrival_rate
+        if m is not None and rate > 0 and rate * m.slope < 1:
+            # Batches of size n keep up when n / (a + b n) >= rate: n >= rate a / (1 - rate b).
+            need = rate * m.intercept / (1 - rate * m.slope) * self.headroom
+            target = min(cap, max(1.0, need))
+        latest: float | None = None
+        if state.oldest_enqueued_at is not None:
+            due = state.oldest_enqueued_at + half
+            if state.earliest_deadline is not None:
+                due = min(due, state.earliest_deadline)
+            run = 0.0 if m is None else m.predict(min(target, cap))
+            latest = due - run
+        return Plan(cap, target, latest)
+
+    def decide(self, state: QueueState) -> Dispatch | Wait:
+        """Dispatch now, or wait for company while the most urgent request can afford it."""
+        if state.free_slots <= 0:
+            return Wait(deadline=None, wake_at_rows=None)
+        if state.queued_rows <= 0 or state.oldest_enqueued_at is None:
+            return Wait(deadline=None, wake_at_rows=1)
+        plan = self.plan(state)
+        m = state.model
+        by_cost = m is not None and m.unit == "cost"
+        rows = min(state.queued_rows, self.max_batch_size)
+        if by_cost:
+            max_cost: float | None = plan.cap if math.isfinite(plan.cap) else None
+            queued = state.queued_cost
+        else:
+            max_cost = self.max_batch_cost
+            rows = max(1, min(rows, int(plan.cap)))
+            queued = float(state.queued_rows)
+        if state.closing:
+            return Dispatch(rows, max_cost, "closing")
+        if state.queue_full:
+            return Dispatch(rows, max_cost, "queue full")
+        if queued >= plan.cap:
+            return Dispatch(rows, max_cost, "full")
+        if state.in_flight == 0:
+            return Dispatch(rows, max_cost, "idle")
+        if m is None:
+            return Dispatch(rows, max_cost, "no model yet")
+        if queued >= plan.target:
+            return Dispatch(rows, max_cost, "target size")
+        assert plan.latest is not None
+        if state.now >= plan.latest:
+            return Dispatch(rows, max_cost, "latency target")
+        wake = math.ceil(plan.target)
+        return Wait(
+            deadline=plan.latest,
+            wake_at_rows=None if by_cost else wake,
+            wake_at_cost=plan.target if by_cost else None,
+        )

@@ -35,6 +35,9 @@ class Request:
     """A request with bookkeeping: several rows (``map``), a deadline, or both."""
 
     __slots__ = (
+        "bypassed",
+        "cost",
+        "costs",
         "counted",
         "deadline",
         "enqueued_at",
@@ -42,8 +45,10 @@ class Request:
         "is_map",
         "item",
         "items",
+        "key",
         "offset",
         "outstanding",
+        "priority",
         "results",
         "rows",
         "state",
@@ -70,6 +75,12 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.state = QUEUED
         self.counted = False  # its outcome is in the statistics
+        self.priority = 0
+        # Where it ranks, set by the waiting room: (-priority, deadline or inf, arrival sequence).
+        self.key: tuple[int, float, int] | None = None
+        self.cost = 0.0  # the cost of its one row, or of the rows not yet taken (a map)
+        self.costs: list[float] | None = None  # a map's cost per row, with a cost function
+        self.bypassed = 0  # batches that took requests ranked after it while it waited
 
     def set_deadline(self, loop: asyncio.AbstractEventLoop, timeout: float, expire: Any) -> None:
         """Arm the timer that calls ``expire(self)`` ``timeout`` seconds after submission."""
@@ -84,7 +95,20 @@ class Request:
         inputs = self.items[start : start + n] if self.is_map else [self.item]  # type: ignore[index]
         self.offset = start + n
         self.undispatched -= n
+        costs = self.costs
+        if costs is not None:
+            self.cost -= sum(costs[start : start + n])
         return inputs, start, n
+
+    def head_cost(self) -> float:
+        """The cost of the next row to take (of the one row, for a plain request)."""
+        costs = self.costs
+        return self.cost if costs is None else costs[self.offset]
+
+    def max_cost(self) -> float:
+        """The largest cost among the rows not yet taken."""
+        costs = self.costs
+        return self.cost if costs is None else max(costs[self.offset :], default=0.0)
 
     def forget_rows(self) -> int:
         """Drop the rows not yet taken (and the timer); returns how many there were."""
@@ -129,6 +153,7 @@ class Batch:
     """
 
     __slots__ = (
+        "cost",
         "counts",
         "inputs",
         "job",
@@ -142,6 +167,7 @@ class Batch:
 
     def __init__(self) -> None:
         self.settled = False  # its requests have been delivered to, or failed, once
+        self.cost = 0.0  # what its rows cost (summed, or padded), with a cost function
         self.job: Any = None  # the worker job running it (a sync fn, or a stage), once started
         self.pool: Any = None  # the WorkerThreads running `job`
         self.shared = False  # `pool` is a shared device's: abandoning a job must replace its thread

@@ -1,4 +1,10 @@
-"""The waiting room: the FIFO queue of accepted requests, the requests parked for room, and admission.
+"""The waiting room: the queue of accepted requests, the requests parked for room, and admission.
+
+The queue is ranked by priority (higher first), then deadline (earliest first; none last), then
+arrival. While every new entry ranks after the last one (the usual case: one priority, no
+deadlines or one timeout for all) the queue is a plain FIFO deque; the first entry that would
+jump ahead turns it into a heap keyed ``(-priority, deadline, arrival)``, which turns back into a
+deque once it empties. Either way the entries leave in rank order.
 
 Every change to where a request's rows are goes through an operation here, and each costs O(1)
 amortised whatever the queue's length: admission and rejection compare counts, a request that
@@ -13,12 +19,13 @@ first), or at close. Until then its row still counts in the queue.
 
 from __future__ import annotations
 
+import heapq
 import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ._exceptions import QueueFullError
+from ._exceptions import QueueFullError, RequestShedError
 from ._request import AT, FUT, GONE, ITEM, PARKED, QUEUED, STATE, Batch, Entry, Request
 from ._stats import REJECTED, SUBMITTED, Tally
 
@@ -28,6 +35,20 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 _INF: Final = float("inf")
+_FAST_KEY: Final = (0, _INF)  # the rank of a fast entry: priority 0, no deadline
+
+
+def _rank(entry: Entry) -> tuple[int, float]:
+    if type(entry) is Request:
+        d = entry.deadline
+        return (-entry.priority, _INF if d is None else d)
+    return _FAST_KEY
+
+
+def _live(entry: Entry) -> bool:
+    if type(entry) is Request:
+        return entry.state != GONE
+    return bool(entry[STATE] != GONE)  # type: ignore[index]
 
 
 class WaitingRoom:
@@ -36,6 +57,8 @@ class WaitingRoom:
     Args:
         max_rows: the most rows that may be queued (``max_queue_size``), or ``None``.
         wait_for_room: park requests that do not fit (``when_full="wait"``) instead of refusing.
+        shed: make room for a request at a full queue by shedding queued requests of lower
+            priority (``when_full="shed"``).
         tally: where admissions and rejections are counted.
         outcomes: settles requests found dead or expired here.
         wake: called when the queue reaches the row count set by :meth:`wake_at`, when a
@@ -45,15 +68,30 @@ class WaitingRoom:
     """
 
     __slots__ = (
+        "_arrivals",
         "_counts",
+        "_deadlines",
         "_dq",
+        "_fifo_fast",
+        "_heap",
         "_outcomes",
         "_parked",
+        "_seq",
         "_wake",
         "_wake_at",
+        "_wake_at_cost",
+        "arrived",
+        "bucket_window",
+        "cost",
+        "costed",
+        "early_timeouts",
+        "max_bypass",
         "max_rows",
+        "padded",
         "parked_rows",
         "rows",
+        "shed",
+        "shed_count",
         "wait_for_room",
     )
 
@@ -64,17 +102,37 @@ class WaitingRoom:
         tally: Tally,
         outcomes: Outcomes,
         wake: Callable[[], None],
+        *,
+        shed: bool = False,
     ) -> None:
         self._dq: deque[Entry] = deque()
+        # The ranked form of the queue, when an entry jumped ahead: (-priority, deadline, seq,
+        # entry) tuples. None while the queue is the FIFO deque.
+        self._heap: list[tuple[int, float, int, Entry]] | None = None
+        self._arrivals: deque[Entry] = deque()  # heap mode: entries in arrival order
+        self._deadlines: list[tuple[float, int, Request]] = []  # queued deadlines, lazily pruned
+        self._seq = 0
+        self._fifo_fast = True  # a fast entry may be appended to the deque as it is
         self._parked: deque[Entry] = deque()
         self.rows = 0  # rows in the queue (a lazily noticed cancellation counts until dropped)
+        self.cost = 0.0  # the cost of the queued rows, with a cost function
+        self.arrived = 0.0  # rows (or cost, with a cost function) ever queued: the arrival meter
         self.parked_rows = 0
         self.max_rows = max_rows
         self.wait_for_room = wait_for_room
+        self.shed = shed
+        self.shed_count = 0
+        self.early_timeouts = 0
+        # Batch formation, set by the batcher from its options.
+        self.costed = False  # requests carry a cost (batch_cost is set)
+        self.padded = False  # a batch costs its largest row's cost times its rows
+        self.bucket_window = 0  # requests batch formation may choose from (0: strict order)
+        self.max_bypass = 0
         self._counts = tally.counts
         self._outcomes = outcomes
         self._wake = wake
         self._wake_at: float = _INF
+        self._wake_at_cost: float = _INF
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -94,54 +152,129 @@ class WaitingRoom:
         return not self.rows and not self.parked_rows
 
     def oldest_enqueued_at(self) -> float | None:
-        """When the entry at the front was submitted (after :meth:`drop_dead_front`)."""
-        if not self._dq:
+        """When the oldest queued entry was submitted (after :meth:`drop_dead_front`)."""
+        q = self._dq if self._heap is None else self._arrivals
+        if not q:
             return None
-        entry = self._dq[0]
+        entry = q[0]
         return entry.enqueued_at if type(entry) is Request else entry[AT]  # type: ignore[index]
+
+    def earliest_deadline(self) -> float | None:
+        """The earliest deadline of a queued request (after :meth:`drop_dead_front`), if any."""
+        d = self._deadlines
+        while d:
+            req = d[0][2]
+            if req.state == QUEUED and not req.future.done():
+                return d[0][0]
+            heapq.heappop(d)
+        return None
 
     # -- arrivals -----------------------------------------------------------------------------------
 
-    def wake_at(self, rows: float) -> None:
-        """Call ``wake`` once the queue holds ``rows`` rows (``inf``: arrivals do not wake)."""
+    def wake_at(self, rows: float, cost: float = _INF) -> None:
+        """Call ``wake`` once the queue holds ``rows`` rows or ``cost`` of cost (``inf``:
+        arrivals do not wake)."""
         self._wake_at = rows
-        if self.rows >= rows:
+        self._wake_at_cost = cost
+        if self.rows >= rows or self.cost >= cost:
             self._fire()
 
     def _fire(self) -> None:
-        self._wake_at = _INF
+        self._wake_at = self._wake_at_cost = _INF
         self._wake()
 
     def put_fast(self, entry: list[Any]) -> None:
         """Accept a fast entry (one row): queue it, park it, or raise QueueFullError."""
-        if self.max_rows is not None and (self.parked_rows or self.rows >= self.max_rows):
-            self._admit_or_refuse(entry, 1)
+        if not self._fifo_fast or (
+            self.max_rows is not None and (self.parked_rows or self.rows >= self.max_rows)
+        ):
+            self._put_slow(entry, 1)
             return
         self._dq.append(entry)
         self.rows += 1
+        self.arrived += 1
         self._counts[SUBMITTED] += 1
         if self.rows >= self._wake_at:
             self._fire()
 
     def put(self, req: Request) -> None:
         """Accept a :class:`Request`: queue it, park it, or raise QueueFullError."""
-        rows = req.undispatched
-        if self.max_rows is not None and (self.parked_rows or self.rows + rows > self.max_rows):
-            self._admit_or_refuse(req, rows)
+        self._put_slow(req, req.undispatched)
+
+    def _put_slow(self, entry: Entry, rows: int) -> None:
+        max_rows = self.max_rows
+        if max_rows is not None and (self.parked_rows or self.rows + rows > max_rows):
+            self._admit_or_refuse(entry, rows)
             return
-        self._dq.append(req)
-        self.rows += rows
+        self._enqueue(entry, rows)
         self._counts[SUBMITTED] += 1
-        if self.rows >= self._wake_at:
+        if self.rows >= self._wake_at or self.cost >= self._wake_at_cost:
             self._fire()
+
+    def _enqueue(self, entry: Entry, rows: int) -> None:
+        """Put a live entry into the queue at its rank and count it."""
+        rank = _rank(entry)
+        heap = self._heap
+        if heap is None:
+            dq = self._dq
+            if not dq or rank >= _rank(dq[-1]):
+                dq.append(entry)
+                if rank[0] > 0:
+                    self._fifo_fast = False  # a fast entry would rank ahead of this one
+            else:
+                heap = self._to_heap()
+        if heap is not None:
+            self._seq += 1
+            key = (rank[0], rank[1], self._seq)
+            if type(entry) is Request:
+                entry.key = key
+            heapq.heappush(heap, (*key, entry))
+            self._arrivals.append(entry)
+        self.rows += rows
+        if type(entry) is Request:
+            self.cost += entry.cost
+            self.arrived += entry.cost if self.costed else rows
+            if entry.deadline is not None:
+                self._seq += 1
+                heapq.heappush(self._deadlines, (entry.deadline, self._seq, entry))
+        else:
+            self.arrived += 1
+
+    def _to_heap(self) -> list[tuple[int, float, int, Entry]]:
+        """Turn the FIFO deque into the ranked heap (its order is already a valid heap's)."""
+        heap: list[tuple[int, float, int, Entry]] = []
+        seq = self._seq
+        for entry in self._dq:
+            seq += 1
+            negp, d = _rank(entry)
+            if type(entry) is Request:
+                entry.key = (negp, d, seq)
+            heap.append((negp, d, seq, entry))
+        self._seq = seq
+        self._arrivals = deque(self._dq)
+        self._dq.clear()
+        self._heap = heap  # sorted, hence a heap
+        self._fifo_fast = False
+        return heap
+
+    def _settle_order(self) -> None:
+        """Once the heap has emptied, go back to the FIFO deque."""
+        heap = self._heap
+        if heap is not None and not heap:
+            self._heap = None
+            self._arrivals.clear()
+            self._fifo_fast = True
+        elif heap is None and not self._dq:
+            self._fifo_fast = True
 
     def _admit_or_refuse(self, entry: Entry, rows: int) -> None:
         max_rows: int = self.max_rows  # type: ignore[assignment]
         if not self.parked_rows and self.rows + rows > max_rows:
             self.drop_dead_front()  # amortised O(1): each dead entry is dropped once
+            if self.shed and rows <= max_rows:
+                self._shed_for(entry, rows, max_rows)
         if not self.parked_rows and self.rows + rows <= max_rows:
-            self._dq.append(entry)
-            self.rows += rows
+            self._enqueue(entry, rows)
         elif self.wait_for_room and rows <= max_rows:
             self._set_state(entry, PARKED)
             self._parked.append(entry)
@@ -150,8 +283,75 @@ class WaitingRoom:
             self._counts[REJECTED] += 1
             raise QueueFullError(self.rows, rows, max_rows)
         self._counts[SUBMITTED] += 1
-        if self.parked_rows or self.rows >= self._wake_at:
+        if self.parked_rows or self.rows >= self._wake_at or self.cost >= self._wake_at_cost:
             self._fire()  # a full queue is dispatched without waiting for max_wait
+        elif self.max_rows is not None and self.rows >= self.max_rows:
+            self._fire()
+
+    def _shed_for(self, entry: Entry, rows: int, max_rows: int) -> None:
+        """Fail queued requests of lower priority than ``entry``, the lowest-ranked first, until
+        ``rows`` more fit (or nothing of lower priority is left)."""
+        priority = entry.priority if type(entry) is Request else 0
+        while self.rows + rows > max_rows:
+            victim = self._lowest()
+            if victim is None:
+                return
+            vp = victim.priority if type(victim) is Request else 0
+            if vp >= priority:
+                return
+            if type(victim) is Request and victim.undispatched < victim.rows:
+                return  # partly running already: it is not shed (it ranks first anyway)
+            self._remove(victim)
+            self.shed_count += 1
+            exc = RequestShedError(vp, priority, max_rows)
+            if type(victim) is Request:
+                self._outcomes.fail(victim, exc)  # uncounts its rows (forget)
+            else:
+                victim[STATE] = GONE  # type: ignore[index]
+                victim[ITEM] = None  # type: ignore[index]
+                self.rows -= 1
+                self._outcomes.fail(victim[FUT], exc)  # type: ignore[index]
+
+    def _lowest(self) -> Entry | None:
+        """The live entry that ranks last, dropping dead ones met on the way."""
+        while True:
+            heap = self._heap
+            if heap is None:
+                if not self._dq:
+                    return None
+                entry = self._dq[-1]
+            else:
+                if not heap:
+                    return None
+                entry = max(heap)[3]
+            if _live(entry) and not (
+                entry.future.done() if type(entry) is Request else entry[FUT].done()  # type: ignore[index]
+            ):
+                return entry
+            self._remove(entry)
+            if _live(entry):  # cancelled, not yet noticed
+                if type(entry) is Request:
+                    self._outcomes.cancelled(entry)
+                else:
+                    self.rows -= 1
+                    self._drop_fast(entry)  # type: ignore[arg-type]
+
+    def _remove(self, entry: Entry) -> None:
+        """Take ``entry`` out of the queue's structure (its rows are uncounted by the caller)."""
+        heap = self._heap
+        if heap is None:
+            if self._dq and self._dq[-1] is entry:
+                self._dq.pop()
+            else:
+                self._dq.remove(entry)
+        else:
+            for i, t in enumerate(heap):
+                if t[3] is entry:
+                    heap[i] = heap[-1]
+                    heap.pop()
+                    heapq.heapify(heap)
+                    break
+        self._settle_order()
 
     @staticmethod
     def _set_state(entry: Entry, state: int) -> None:
@@ -204,9 +404,8 @@ class WaitingRoom:
             parked.popleft()
             self.parked_rows -= rows
             self._set_state(entry, QUEUED)
-            self._dq.append(entry)
-            self.rows += rows
-        if self.rows >= self._wake_at:
+            self._enqueue(entry, rows)
+        if self.rows >= self._wake_at or self.cost >= self._wake_at_cost:
             self._fire()
 
     # -- leaving early -------------------------------------------------------------------------------
@@ -229,11 +428,13 @@ class WaitingRoom:
     def forget(self, req: Request) -> None:
         """Drop the rows ``req`` still has here (it was settled, or its caller cancelled)."""
         state = req.state
+        cost = req.cost
         rows = req.forget_rows()
         if state == PARKED:
             self.parked_rows -= rows
         elif state == QUEUED:
             self.rows -= rows
+            self.cost = self.cost - cost if self.rows else 0.0
         self._after_leave()
 
     def _after_leave(self) -> None:
@@ -250,6 +451,9 @@ class WaitingRoom:
 
     def drop_dead_front(self) -> None:
         """Drop entries at the front whose callers are gone, so the front is live."""
+        if self._heap is not None:
+            self._drop_dead_top(self._heap)
+            return
         dq = self._dq
         while dq:
             entry = dq[0]
@@ -266,15 +470,51 @@ class WaitingRoom:
                 if entry[STATE] != GONE:  # type: ignore[index]
                     self.rows -= 1
                     self._drop_fast(entry)  # type: ignore[arg-type]
+        self._fifo_fast = True
+
+    def _drop_dead_top(self, heap: list[tuple[int, float, int, Entry]]) -> None:
+        while heap:
+            entry = heap[0][3]
+            if type(entry) is Request:
+                if entry.state != GONE and not entry.future.done():
+                    break
+                heapq.heappop(heap)
+                if entry.state != GONE:
+                    self._outcomes.cancelled(entry)
+            else:
+                if entry[STATE] != GONE and not entry[FUT].done():  # type: ignore[index]
+                    break
+                heapq.heappop(heap)
+                if entry[STATE] != GONE:  # type: ignore[index]
+                    self.rows -= 1
+                    self._drop_fast(entry)  # type: ignore[arg-type]
+        arrivals = self._arrivals
+        while arrivals and not _live(arrivals[0]):
+            arrivals.popleft()
+        self._settle_order()
 
     # -- leaving for a batch ---------------------------------------------------------------------------
 
-    def take(self, max_rows: int, now: float) -> tuple[Batch, list[float]]:
-        """Take up to ``max_rows`` live rows from the front, in order.
+    def take(
+        self,
+        max_rows: int,
+        now: float,
+        max_cost: float | None = None,
+        hopeless_before: float | None = None,
+    ) -> tuple[Batch, list[float]]:
+        """Take up to ``max_rows`` live rows (and at most ``max_cost`` of cost) in rank order.
 
         Returns the batch and each new request's wait in the queue. A request found past its
         deadline is timed out instead (its timer may not have fired yet): never dispatched late.
+        One whose deadline falls before ``hopeless_before`` (when the batch is predicted to
+        finish) is timed out early. With a cost budget the first row always fits (an oversized
+        item runs alone); with a bucket window, rows of similar cost are picked from the front
+        of the queue, within the bypass bound (see :meth:`_take_bucketed`).
         """
+        if self._heap is not None or self.costed or hopeless_before is not None:
+            if self.costed and self.bucket_window > 1:
+                return self._take_bucketed(max_rows, now, max_cost, hopeless_before)
+            return self._take_ranked(max_rows, now, max_cost, hopeless_before)
         batch = Batch()
         waits: list[float] = []
         dq = self._dq
@@ -324,23 +564,219 @@ class WaitingRoom:
             else:
                 req.state = GONE
         self.rows -= taken
+        if not dq:
+            self._fifo_fast = True
+        return batch, waits
+
+    # The general forms: a ranked heap, costs, early time-outs, bucketing. Slower per row than
+    # the FIFO loop above, and only used when one of those is in play.
+
+    def _pop(self) -> Entry | None:
+        heap = self._heap
+        if heap is None:
+            return self._dq.popleft() if self._dq else None
+        return heapq.heappop(heap)[3] if heap else None
+
+    def _push_front(self, entries: list[Request]) -> None:
+        """Put popped, untaken requests back where they were (``entries`` in rank order)."""
+        heap = self._heap
+        if heap is None:
+            self._dq.extendleft(reversed(entries))
+        else:
+            for req in entries:
+                heapq.heappush(heap, (*req.key, req))  # type: ignore[misc]
+
+    def _live_next(self, now: float, hopeless_before: float | None) -> Entry | None:
+        """The next live entry in rank order, settling dead, expired and hopeless ones."""
+        while True:
+            entry = self._pop()
+            if entry is None or type(entry) is not Request:
+                if entry is not None:
+                    fast: list[Any] = entry  # type: ignore[assignment]
+                    if fast[STATE] == GONE:
+                        continue
+                    if fast[FUT].done():
+                        self.rows -= 1
+                        self._drop_fast(fast)
+                        continue
+                return entry
+            req = entry
+            if req.state == GONE:
+                continue
+            if req.future.done():
+                self._outcomes.cancelled(req)
+                continue
+            deadline = req.deadline
+            if deadline is not None:
+                if deadline <= now:
+                    self._outcomes.time_out(req)
+                    continue
+                if hopeless_before is not None and deadline < hopeless_before:
+                    self.early_timeouts += 1
+                    self._outcomes.time_out(req, early=True)
+                    continue
+            return req
+
+    def _fit(
+        self, req: Request, room: int, taken: int, csum: float, cmax: float, max_cost: float | None
+    ) -> tuple[int, float, float]:
+        """How many of ``req``'s next rows (up to ``room``) fit a batch of ``taken`` rows that
+        costs ``csum`` (largest row ``cmax``): ``(rows, new csum, new cmax)``."""
+        costs = req.costs
+        upto = min(room, req.undispatched)
+        if costs is None:
+            if req.is_map:  # no cost function: rows only
+                return upto, csum, cmax
+            row_costs = [req.cost]
+        else:
+            row_costs = costs[req.offset : req.offset + upto]
+        n = 0
+        padded = self.padded
+        for c in row_costs:
+            over = max(cmax, c) * (taken + n + 1) if padded else csum + c
+            if max_cost is not None and taken + n and over > max_cost:
+                break  # (the batch's first row always fits)
+            n += 1
+            csum += c
+            cmax = max(cmax, c)
+        return n, csum, cmax
+
+    def _add(self, batch: Batch, req: Request, n: int, now: float, waits: list[float]) -> None:
+        if req.offset == 0:
+            waits.append(now - req.enqueued_at)
+        before = req.cost
+        batch.add_request(req, n)
+        self.cost -= before - (req.cost if req.undispatched else 0.0)
+        if not req.undispatched:
+            req.state = GONE
+
+    def _finish_take(self, batch: Batch, taken: int, csum: float, cmax: float) -> None:
+        self.rows -= taken
+        if not self.rows:
+            self.cost = 0.0
+        batch.cost = cmax * taken if self.padded else csum
+        self._settle_order()
+
+    def _take_ranked(
+        self, max_rows: int, now: float, max_cost: float | None, hopeless_before: float | None
+    ) -> tuple[Batch, list[float]]:
+        batch = Batch()
+        waits: list[float] = []
+        room, taken, csum, cmax = max_rows, 0, 0.0, 0.0
+        while room:
+            entry = self._live_next(now, hopeless_before)
+            if entry is None:
+                break
+            if type(entry) is not Request:
+                fast: list[Any] = entry  # type: ignore[assignment]
+                fast[STATE] = GONE
+                batch.add_fast(fast[FUT], fast[ITEM])
+                waits.append(now - fast[AT])
+                room -= 1
+                taken += 1
+                continue
+            n, csum, cmax = self._fit(entry, room, taken, csum, cmax, max_cost)
+            if n == 0:
+                self._push_front([entry])  # over the budget: it leads the next batch
+                break
+            self._add(batch, entry, n, now, waits)
+            room -= n
+            taken += n
+            if entry.undispatched:
+                self._push_front([entry])  # the rest of a split map request stays in front
+                break
+        self._finish_take(batch, taken, csum, cmax)
+        return batch, waits
+
+    def _take_bucketed(
+        self, max_rows: int, now: float, max_cost: float | None, hopeless_before: float | None
+    ) -> tuple[Batch, list[float]]:
+        """Form a batch from the first ``bucket_window`` requests, preferring rows whose cost is
+        close to the front request's, so that a padded batch pads little.
+
+        The front request always goes first. A request another batch passed over (taking one
+        ranked after it) ``max_bypass`` times closes the window: nothing ranked after it is
+        taken until it is. So no request is passed over more than ``max_bypass`` times.
+        """
+        window: list[Request] = []
+        bound = self.max_bypass
+        while len(window) < self.bucket_window:
+            entry = self._live_next(now, hopeless_before)
+            if entry is None:
+                break
+            assert type(entry) is Request  # with a cost function every request carries its cost
+            window.append(entry)
+            if entry.bypassed >= bound:
+                break
+        batch = Batch()
+        waits: list[float] = []
+        if not window:
+            self._finish_take(batch, 0, 0.0, 0.0)
+            return batch, waits
+        head = window[0]
+        n, csum, cmax = self._fit(head, max_rows, 0, 0.0, 0.0, max_cost)
+        self._add(batch, head, n, now, waits)
+        room, taken = max_rows - n, n
+        chosen = [0]
+        if not head.undispatched and room and len(window) > 1:
+            ref = cmax
+            last = len(window) - 1
+            forced = last if window[last].bypassed >= bound else -1
+            order = sorted(
+                range(1, len(window)),
+                key=lambda i: (i != forced, abs(window[i].max_cost() - ref), i),
+            )
+            for i in order:
+                req = window[i]
+                rows = req.undispatched
+                if rows > room:
+                    continue
+                k, s, m = self._fit(req, rows, taken, csum, cmax, max_cost)
+                if k < rows:
+                    continue
+                csum, cmax = s, m
+                self._add(batch, req, rows, now, waits)
+                chosen.append(i)
+                room -= rows
+                taken += rows
+                if not room:
+                    break
+        last_chosen = max(chosen)
+        keep: list[Request] = []
+        picked = set(chosen)
+        for i, req in enumerate(window):
+            if i in picked:
+                if req.undispatched:
+                    keep.append(req)  # the head, split: the rest stays in front
+                continue
+            if i < last_chosen:
+                req.bypassed += 1
+            keep.append(req)
+        self._push_front(keep)
+        self._finish_take(batch, taken, csum, cmax)
         return batch, waits
 
     def drain(self) -> list[Entry]:
         """Remove and return every live entry, queued or parked, in order."""
         live: list[Entry] = []
-        for entry in (*self._dq, *self._parked):
+        queued: Any = self._dq if self._heap is None else [t[3] for t in sorted(self._heap)]
+        for entry in (*queued, *self._parked):
             if type(entry) is Request:
                 if entry.state == GONE:
                     continue
                 entry.state = GONE
                 entry.undispatched = 0
             else:
-                if entry[STATE] == GONE:  # type: ignore[index]
+                if entry[STATE] == GONE:
                     continue
-                entry[STATE] = GONE  # type: ignore[index]
+                entry[STATE] = GONE
             live.append(entry)
         self._dq.clear()
         self._parked.clear()
+        self._heap = None
+        self._arrivals.clear()
+        self._deadlines.clear()
+        self._fifo_fast = True
         self.rows = self.parked_rows = 0
+        self.cost = 0.0
         return live

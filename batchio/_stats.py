@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-__all__ = ["BatcherStatistics", "Percentiles", "StageStatistics"]
+if TYPE_CHECKING:
+    from ._estimates import RunTimeModel
+
+__all__ = ["BatcherStatistics", "Percentiles", "SchedulerStatistics", "StageStatistics"]
 
 # Percentiles are computed over the most recent samples only, so a long-running server reports
 # current behaviour and memory stays bounded.
@@ -66,6 +69,58 @@ class StageStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    """How the batcher has been deciding when to dispatch, in a statistics snapshot.
+
+    Attributes:
+        policy: the policy's class name (``"MaxSizeOrWait"``, ``"LatencyTarget"``, or yours).
+        latency_target: the adaptive policy's target, in seconds; ``None`` without it.
+        model: the run-time model learned from finished batches (``None`` before the first):
+            predicted seconds from dispatch to delivery = ``intercept + slope * size``.
+        arrival_rate: rows (or cost, with ``batch_cost``) arriving per second, recently.
+        cap: the adaptive policy's largest batch now (rows, or cost): predicted to run within
+            half the target. ``None`` for other policies.
+        target: the batch size the adaptive policy waits for while a batch is in flight: what
+            keeps up with ``arrival_rate``. ``None`` for other policies.
+        wait: seconds the executor last chose to wait for more rows before dispatching (the
+            time from that decision to the timer it set); ``None`` if it has not waited on a
+            timer yet.
+        last_reason: why the last batch was dispatched: ``"idle"`` (nothing in flight),
+            ``"full"``, ``"target size"``, ``"latency target"``, ``"max_wait"``, ``"queue
+            full"``, ``"closing"``, ``"no model yet"``, or a custom policy's reason.
+        dispatch_reasons: how many batches were dispatched for each reason.
+        early_timeouts: requests failed early, predicted to miss their deadline
+            (``early_timeout=True``).
+        shed: requests shed from a full queue for a higher-priority one (``when_full="shed"``).
+    """
+
+    policy: str
+    latency_target: float | None
+    model: RunTimeModel | None
+    arrival_rate: float
+    cap: float | None
+    target: float | None
+    wait: float | None
+    last_reason: str
+    dispatch_reasons: MappingProxyType[str, int]
+    early_timeouts: int
+    shed: int
+
+
+class SchedulerLog:
+    """What the executor notes about its decisions, for :class:`SchedulerStatistics` (internal;
+    written on the loop, read by snapshots from any thread)."""
+
+    __slots__ = ("last_reason", "last_state", "last_wait", "reasons")
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.last_reason = ""
+        self.last_wait: float | None = None
+        self.last_state: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class BatcherStatistics:
     """A snapshot of a batcher's counters, taken by ``Batcher.statistics()``; it never changes.
 
@@ -101,6 +156,8 @@ class BatcherStatistics:
         device_busy_fraction: for a staged batcher, the share of wall time its device thread
             (shared or not) has been working since it started; ``None`` otherwise. A value near
             1.0 means the device is the bottleneck, as it should be.
+        scheduler: the batching policy's state and decisions (see
+            :class:`SchedulerStatistics`).
     """
 
     submitted: int
@@ -123,6 +180,7 @@ class BatcherStatistics:
     closed: bool
     stages: tuple[StageStatistics, ...] = ()
     device_busy_fraction: float | None = None
+    scheduler: SchedulerStatistics | None = None
 
     @property
     def mean_batch_size(self) -> float:
@@ -177,6 +235,7 @@ class Tally:
         abandoned_workers: int = 0,
         stages: tuple[StageStatistics, ...] = (),
         device_busy_fraction: float | None = None,
+        scheduler: SchedulerStatistics | None = None,
     ) -> BatcherStatistics:
         """A frozen, self-consistent copy, safe to take from any thread."""
         c = self.counts.copy()
@@ -205,4 +264,5 @@ class Tally:
             closed=closed,
             stages=stages,
             device_busy_fraction=device_busy_fraction,
+            scheduler=scheduler,
         )

@@ -145,7 +145,7 @@ def test_reconfigure_kw_names_the_options_that_may_change() -> None:
     names = set(typing.get_type_hints(ReconfigureKw))
     fields = set(BatcherOptions.__dataclass_fields__)
     assert names <= fields
-    assert fields - names == {"max_concurrent_batches", "when_full", "name"}
+    assert fields - names == {"max_concurrent_batches", "when_full", "name", "batch_cost"}
 
 
 async def test_a_staged_batcher_takes_the_new_sizes_too() -> None:
