@@ -29,6 +29,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``batchio`` command."""
     parser = argparse.ArgumentParser(
@@ -70,8 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--max-wait",
         type=_non_negative_float,
-        default=0.005,
-        help="seconds a request may wait for its batch to fill (default: 0.005)",
+        default=None,
+        help="use the static rule: seconds a request may wait for its batch to fill (default: "
+        "the adaptive policy, --latency-target)",
+    )
+    demo.add_argument(
+        "--latency-target",
+        type=_positive_float,
+        default=None,
+        help="the adaptive policy's p99 target, in seconds (default: the wrappers' 0.1)",
     )
     demo.add_argument(
         "--max-batch-tokens",

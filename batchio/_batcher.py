@@ -39,7 +39,8 @@ from ._outputs import output_rows
 from ._policy import Dispatch, LatencyTarget, QueueState, Wait
 from ._request import FUT, QUEUED, Batch, Entry, Request
 from ._room import WaitingRoom
-from ._stages import STALLED, Pipeline, Stages, StageWork
+from ._stages import DEVICE, STALLED, Pipeline, Stages, StageWork
+from ._stats import BATCHES as BATCHES_COUNT
 from ._stats import STALLED as STALLED_COUNT
 from ._stats import BatcherStatistics, SchedulerLog, SchedulerStatistics, Tally
 from ._worker import Job, WorkerThreads, call_async, call_sync, is_async_callable
@@ -107,6 +108,8 @@ class Batcher(Generic[InT, OutT]):
         "_fn",
         "_in_flight",
         "_is_async",
+        "_device_until",
+        "_lead",
         "_learner",
         "_loop",
         "_meter",
@@ -114,9 +117,11 @@ class Batcher(Generic[InT, OutT]):
         "_open_loop",
         "_options",
         "_outcomes",
+        "_pending",
         "_pipeline",
         "_policy",
         "_raw_fn",
+        "_recent",
         "_room",
         "_running",
         "_sched",
@@ -168,6 +173,10 @@ class Batcher(Generic[InT, OutT]):
         self._learner = RunTimeLearner("rows" if opts.batch_cost is None else "cost")
         self._meter = RateMeter()
         self._sched = SchedulerLog()
+        self._pending = 0  # staged batches dispatched whose device job has not started
+        self._device_until: float | None = None  # predicted end of the running device job
+        self._lead = 0.0  # recent seconds from dispatch to the device job's start
+        self._recent = 0.0  # recent latency of each batch's slowest request
         self._apply(opts)
         self._running: dict[asyncio.Task[None], Batch] = {}
         self._abandoned_tasks: set[asyncio.Task[Any]] = set()
@@ -643,6 +652,12 @@ class Batcher(Generic[InT, OutT]):
                 queued_cost=room.cost,
                 arrival_rate=self._meter.sample(now, room.arrived),
                 model=self._learner.model,
+                pending_batches=self._pending,
+                device_free_at=None
+                if self._pipeline is None
+                else (now if self._device_until is None else self._device_until),
+                lead_time=self._lead,
+                recent_latency=self._recent,
             )
             sched = self._sched
             sched.last_state = state
@@ -699,6 +714,11 @@ class Batcher(Generic[InT, OutT]):
         sched.last_reason = reason
         sched.reasons[reason] += 1
         self._in_flight += 1
+        batch.at = now
+        batch.waited = max(waits, default=0.0)
+        if self._pipeline is not None:
+            batch.pending = True
+            self._pending += 1
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         task = loop.create_task(self._run_batch(batch, now))
         self._running[task] = batch
@@ -775,6 +795,7 @@ class Batcher(Generic[InT, OutT]):
                         outcomes = await job.future
                     else:
                         outcomes = await self._within_limit(batch, job, limit, threads)
+                    batch.service = job.elapsed
             except Exception as exc:
                 self._outcomes.fail_batch(batch, exc)
             except BaseException as exc:
@@ -800,16 +821,41 @@ class Batcher(Generic[InT, OutT]):
             batch.job = batch.pool = None
             seconds = self._clock() - dispatched_at
             self._tally.batch_ran(n, seconds)
+            self._not_pending(batch)
+            latency = batch.waited + seconds
+            first = self._tally.counts[BATCHES_COUNT] == 1
+            self._recent = latency if first else self._recent + 0.2 * (latency - self._recent)
             if delivered and outcomes is not STALLED:
                 # The run-time model learns from every batch that ran to its end (a failed one
-                # too: it took the device as long); the size is what the function saw.
-                size = batch.cost if self._cost_fn is not None else self._padded_size(n)
-                self._learner.observe(size, seconds)
+                # too: it took the device as long): the time it kept the bottleneck busy.
+                self._learner.observe(self._size_of(batch), batch.service or seconds)
             if not delivered:
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
                 # be left waiting on a batch that will never report.
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
                 self._outcomes.fail_batch(batch, broken)
+
+    def _size_of(self, batch: Batch) -> float:
+        """A batch's size as the run-time model counts it: its cost, or the rows fn saw."""
+        if self._cost_fn is not None:
+            return batch.cost
+        return self._padded_size(len(batch.inputs))
+
+    def _not_pending(self, batch: Batch) -> None:
+        if batch.pending:
+            batch.pending = False
+            self._pending -= 1
+            self._wake()  # the policy may form the next batch now
+
+    def _device_started(self, batch: Batch, started: asyncio.Future[None]) -> None:
+        if started.cancelled():
+            return
+        now = self._clock()
+        if batch.pending:
+            self._lead += 0.2 * ((now - batch.at) - self._lead)
+        model = self._learner.model
+        self._device_until = now + (model.predict(self._size_of(batch)) if model else 0.0)
+        self._not_pending(batch)
 
     async def _stage_job(
         self, work: StageWork, fn: Callable[[Any], Any], arg: Any, batch: Batch
@@ -817,7 +863,10 @@ class Batcher(Generic[InT, OutT]):
         """Run one stage's job for ``batch``: its result, or ``STALLED`` past the time limit."""
         limit = self._options.batch_time_limit
         pool = work.threads  # first: a closed shared device refuses here, before anything runs
-        job = batch.job = work.run(pool, fn, arg, notify_start=limit is not None)
+        device = work.name == DEVICE
+        job = batch.job = work.run(pool, fn, arg, notify_start=device or limit is not None)
+        if device and job.started is not None:
+            job.started.add_done_callback(functools.partial(self._device_started, batch))
         batch.pool = pool
         batch.shared = work.shared
         try:
@@ -828,6 +877,9 @@ class Batcher(Generic[InT, OutT]):
             batch.job = batch.pool = None
             if job.finished:  # raised or returned; a stalled (abandoned) job is not counted
                 work.record(job)
+                if device:
+                    batch.service += job.elapsed
+                    self._device_until = None
 
     async def _within_limit(
         self,

@@ -45,7 +45,17 @@ class QueueState:
         queued_cost: the ``batch_cost`` of the queued rows (0.0 without a cost function).
         arrival_rate: rows (or cost, with a cost function) arriving per second, recently.
         model: the fitted run-time model, once a batch has finished (see
-            :class:`~batchio.RunTimeModel`).
+            :class:`~batchio.RunTimeModel`): seconds a batch keeps the bottleneck busy (the
+            device stage's thread, for :class:`~batchio.Stages`; the worker thread for a sync
+            ``fn``).
+        pending_batches: dispatched batches whose device job has not started yet (staged
+            batchers; 0 otherwise): they are being prepared, or wait for the device.
+        device_free_at: when the device is predicted to finish the batch it runs (``None``:
+            idle, or not a staged batcher).
+        lead_time: recent seconds from a staged batch's dispatch to its device job's start
+            (preparation); 0.0 otherwise.
+        recent_latency: the recent (exponentially weighted) latency of the slowest request of
+            each batch: its queue wait plus its batch's dispatch-to-delivery time.
     """
 
     now: float
@@ -59,6 +69,10 @@ class QueueState:
     queued_cost: float = 0.0
     arrival_rate: float = 0.0
     model: RunTimeModel | None = None
+    pending_batches: int = 0
+    device_free_at: float | None = None
+    lead_time: float = 0.0
+    recent_latency: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +166,21 @@ class Plan:
 
     Attributes:
         cap: the largest batch predicted to run within half the latency target (never less
-            than one row; ``max_batch_size`` / ``max_batch_cost`` bound it too).
+            than one row), or, when the arrivals need larger batches to keep up, that larger
+            size; ``max_batch_size`` / ``max_batch_cost`` bound it.
         target: the batch size that keeps up with the arrivals, with headroom: while a batch
             is in flight, the next one waits for this much (or for ``latest``).
         latest: when the next batch must start for the most urgent queued request to finish
             within the target (or its deadline); ``None`` with nothing queued.
+        behind: requests miss the target (the recent latency is over it, or the oldest queued
+            request has waited half of it): the backlog is cleared with the largest batches
+            allowed (``cap`` and ``target`` are the ceiling).
     """
 
     cap: float
     target: float
     latest: float | None
+    behind: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +194,19 @@ class LatencyTarget:
     1. no free batch slot: wait for one; nothing queued: wait for an arrival;
     2. closing, or the queue full: dispatch;
     3. a full batch queued (``cap``: the largest batch predicted to run within half the target,
-       bounded by ``max_batch_size`` and ``max_batch_cost``): dispatch it;
+       or larger when the arrival rate needs larger batches to keep up, bounded by
+       ``max_batch_size`` and ``max_batch_cost``): dispatch it;
     4. no batch in flight (the device is idle): dispatch what is queued at once, since waiting
        would only add latency; so a lone request costs about a direct call;
-    5. otherwise (a batch is running and a slot is free): wait until ``target`` is queued
-       (the size at which batches keep up with the arrivals, times ``headroom``) or until
-       ``latest`` (when the most urgent request must start to finish within half the target,
-       or before its own deadline), then dispatch.
+    5. otherwise (a batch is running and a slot is free), for :class:`~batchio.Stages`: while
+       another batch is being prepared for the device, wait; else dispatch *just in time*, when
+       the device is predicted to free up less the recent preparation time (``lead_time``),
+       or at ``latest`` (when the most urgent request must start to finish within half the
+       target, or before its own deadline), whichever is first. So the next batch holds every
+       row that arrived while the device worked, and the device does not idle;
+    6. without a view of the device (an ``async def fn`` running several batches at once):
+       wait until ``target`` is queued (the size at which batches keep up with the arrivals,
+       times ``headroom``) or until ``latest``, then dispatch.
 
     Under light load it behaves like ``max_wait=0``; as load rises, work queued while the device
     is busy forms larger batches, up to ``cap``. Half the target is left for queueing: a request
@@ -209,23 +234,37 @@ class LatencyTarget:
         )
         half = self.latency_target / 2
         if m is None:
-            cap = ceiling
-        else:
-            cap = min(ceiling, max(m.largest_within(half), 1.0))  # a lone row always runs
+            return Plan(ceiling, ceiling, None if state.oldest_enqueued_at is None else state.now)
+        behind = state.recent_latency > self.latency_target or (
+            state.oldest_enqueued_at is not None and state.now - state.oldest_enqueued_at >= half
+        )
+        cap = min(ceiling, max(m.largest_within(half), 1.0))  # a lone row always runs
         target = cap
         rate = state.arrival_rate
-        if m is not None and rate > 0 and rate * m.slope < 1:
-            # Batches of size n keep up when n / (a + b n) >= rate: n >= rate a / (1 - rate b).
-            need = rate * m.intercept / (1 - rate * m.slope) * self.headroom
-            target = min(cap, max(1.0, need))
+        if rate > 0:
+            if rate * m.slope < 1:
+                # Batches of n keep up when n / (a + b n) >= rate: n >= rate a / (1 - rate b).
+                need = rate * m.intercept / (1 - rate * m.slope)
+            else:
+                need = _INF  # no batch size keeps up: the largest allowed
+            # Arrivals that need larger batches than the target allows get them: a queue that
+            # grows without bound is later for everyone.
+            cap = min(ceiling, max(cap, need))
+            target = min(cap, max(1.0, need * self.headroom))
+        if behind:
+            # Requests miss the target already (recently, or the oldest queued one has spent its
+            # queueing half): the load is past what the target allows, and the largest batches
+            # clear the backlog soonest (one batch of n finishes its last row before several
+            # smaller ones would) and serve the most per second. This also keeps a closed loop
+            # of many clients at full batches.
+            cap = target = ceiling
         latest: float | None = None
         if state.oldest_enqueued_at is not None:
             due = state.oldest_enqueued_at + half
             if state.earliest_deadline is not None:
                 due = min(due, state.earliest_deadline)
-            run = 0.0 if m is None else m.predict(min(target, cap))
-            latest = due - run
-        return Plan(cap, target, latest)
+            latest = due - state.lead_time - m.predict(target)
+        return Plan(cap, target, latest, behind)
 
     def decide(self, state: QueueState) -> Dispatch | Wait:
         """Dispatch now, or wait for company while the most urgent request can afford it."""
@@ -254,9 +293,27 @@ class LatencyTarget:
             return Dispatch(rows, max_cost, "idle")
         if m is None:
             return Dispatch(rows, max_cost, "no model yet")
+        assert plan.latest is not None
+        full_rows = None if by_cost else math.ceil(plan.cap)
+        full_cost = plan.cap if by_cost and math.isfinite(plan.cap) else None
+        if state.pending_batches > 0:
+            # A batch is being prepared for the device already: another would queue behind it.
+            # Wait for it to reach the device (the executor is woken), or for a full batch.
+            return Wait(deadline=None, wake_at_rows=full_rows, wake_at_cost=full_cost)
+        if state.device_free_at is not None:
+            # Just in time: form the next batch as late as it can be prepared before the device
+            # frees, so it holds every row that arrived meanwhile and the device never idles.
+            start = state.device_free_at - state.lead_time
+            if not plan.behind:  # (behind, the target is lost: only keeping up counts)
+                start = min(start, plan.latest)
+            if state.now >= start:
+                reason = "latency target" if start == plan.latest else "device free soon"
+                return Dispatch(rows, max_cost, reason)
+            return Wait(deadline=start, wake_at_rows=full_rows, wake_at_cost=full_cost)
+        # No view of the device (an async fn running several batches at once): wait for the
+        # size that keeps up with the arrivals, or until the most urgent request must start.
         if queued >= plan.target:
             return Dispatch(rows, max_cost, "target size")
-        assert plan.latest is not None
         if state.now >= plan.latest:
             return Dispatch(rows, max_cost, "latency target")
         wake = math.ceil(plan.target)

@@ -153,21 +153,29 @@ class Batch:
     """
 
     __slots__ = (
+        "at",
         "cost",
         "counts",
         "inputs",
         "job",
         "offsets",
         "owners",
+        "pending",
         "pool",
+        "service",
         "settled",
         "shared",
         "simple",
+        "waited",
     )
 
     def __init__(self) -> None:
         self.settled = False  # its requests have been delivered to, or failed, once
         self.cost = 0.0  # what its rows cost (summed, or padded), with a cost function
+        self.at = 0.0  # when it was dispatched
+        self.waited = 0.0  # the longest queue wait of its requests
+        self.service = 0.0  # seconds its jobs ran on the bottleneck (the device stage's thread)
+        self.pending = False  # dispatched, and its device job has not started yet (staged)
         self.job: Any = None  # the worker job running it (a sync fn, or a stage), once started
         self.pool: Any = None  # the WorkerThreads running `job`
         self.shared = False  # `pool` is a shared device's: abandoning a job must replace its thread

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from ._exceptions import QueueFullError, RequestShedError
@@ -289,20 +289,28 @@ class WaitingRoom:
             self._fire()
 
     def _shed_for(self, entry: Entry, rows: int, max_rows: int) -> None:
-        """Fail queued requests of lower priority than ``entry``, the lowest-ranked first, until
-        ``rows`` more fit (or nothing of lower priority is left)."""
+        """Fail queued requests of lower priority than ``entry``, the lowest-ranked first, so
+        that ``rows`` more fit; shed nothing when that cannot make room."""
         priority = entry.priority if type(entry) is Request else 0
-        while self.rows + rows > max_rows:
-            victim = self._lowest()
-            if victim is None:
-                return
+        need = self.rows + rows - max_rows
+        victims: list[Entry] = []
+        freed = 0
+        for victim in self._lowest_first():
             vp = victim.priority if type(victim) is Request else 0
             if vp >= priority:
-                return
+                break
             if type(victim) is Request and victim.undispatched < victim.rows:
-                return  # partly running already: it is not shed (it ranks first anyway)
+                continue  # partly running already: its rest is not shed
+            victims.append(victim)
+            freed += victim.undispatched if type(victim) is Request else 1
+            if freed >= need:
+                break
+        if freed < need:
+            return  # the request is refused; nobody is shed for nothing
+        for victim in victims:
             self._remove(victim)
             self.shed_count += 1
+            vp = victim.priority if type(victim) is Request else 0
             exc = RequestShedError(vp, priority, max_rows)
             if type(victim) is Request:
                 self._outcomes.fail(victim, exc)  # uncounts its rows (forget)
@@ -312,29 +320,19 @@ class WaitingRoom:
                 self.rows -= 1
                 self._outcomes.fail(victim[FUT], exc)  # type: ignore[index]
 
-    def _lowest(self) -> Entry | None:
-        """The live entry that ranks last, dropping dead ones met on the way."""
-        while True:
-            heap = self._heap
-            if heap is None:
-                if not self._dq:
-                    return None
-                entry = self._dq[-1]
-            else:
-                if not heap:
-                    return None
-                entry = max(heap)[3]
-            if _live(entry) and not (
-                entry.future.done() if type(entry) is Request else entry[FUT].done()  # type: ignore[index]
-            ):
-                return entry
-            self._remove(entry)
-            if _live(entry):  # cancelled, not yet noticed
-                if type(entry) is Request:
-                    self._outcomes.cancelled(entry)
-                else:
-                    self.rows -= 1
-                    self._drop_fast(entry)  # type: ignore[arg-type]
+    def _lowest_first(self) -> Iterator[Entry]:
+        """The live queued entries, the lowest-ranked first."""
+        heap = self._heap
+        entries: Iterable[Entry] = (
+            reversed(self._dq) if heap is None else (t[3] for t in sorted(heap, reverse=True))
+        )
+        for entry in entries:
+            if type(entry) is Request:
+                if entry.state == GONE or entry.future.done():
+                    continue
+            elif entry[STATE] == GONE or entry[FUT].done():  # type: ignore[index]
+                continue
+            yield entry
 
     def _remove(self, entry: Entry) -> None:
         """Take ``entry`` out of the queue's structure (its rows are uncounted by the caller)."""

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import BatcherStatistics, Percentiles
+from .. import BatcherOptions, BatcherOptionsKw, BatcherStatistics, Percentiles
 from .transformers import SentenceEmbedder
 
 __all__ = ["make_texts", "run_demo"]
@@ -73,6 +73,22 @@ _WORDS = [
     "quiet",
     "busy",
 ]
+
+
+def scheduling(args: argparse.Namespace) -> BatcherOptionsKw:
+    """The demo's policy options: the static rule with ``--max-wait``, else the adaptive one."""
+    if args.max_wait is not None:
+        return {"max_wait": args.max_wait}
+    if args.latency_target is not None:
+        return {"latency_target": args.latency_target}
+    return {}  # the wrapper's default latency_target
+
+
+def policy_label(options: BatcherOptions) -> str:
+    """How the table names the batching policy."""
+    if options.latency_target is not None:
+        return f"latency_target {options.latency_target * 1e3:g} ms"
+    return f"max_wait {options.max_wait * 1e3:g} ms"
 
 
 def make_texts(n: int, seed: int) -> list[str]:
@@ -246,11 +262,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 path,
                 device=args.device,
                 dtype=args.dtype,
-                max_batch_size=args.max_batch_size,
-                max_wait=args.max_wait,
                 max_batch_tokens=args.max_batch_tokens,
                 prepare_workers=args.prepare_workers,
-                name="demo",
+                **{**scheduling(args), "max_batch_size": args.max_batch_size, "name": "demo"},
             )
         except ValueError as exc:  # a dtype the device cannot run, say
             print(f"batchio demo: {exc}", file=sys.stderr)
@@ -277,8 +291,9 @@ def run_demo(args: argparse.Namespace) -> int:
     table.add_row("requests", f"{n}")
     table.add_row("concurrent clients", f"{args.concurrency}")
     table.add_row(
-        "max_batch_size / max_wait / max_batch_tokens",
-        f"{args.max_batch_size} / {args.max_wait * 1e3:g} ms / {args.max_batch_tokens}",
+        "max_batch_size / policy / max_batch_tokens",
+        f"{args.max_batch_size} / {policy_label(embedder.batcher.options)} / "
+        f"{args.max_batch_tokens}",
     )
     sample = "" if sequential_n == n else f", first {sequential_n}"
     table.add_row(f"sequential throughput (1 at a time{sample})", f"{sequential_rps:,.1f} req/s")

@@ -13,11 +13,33 @@ from .._options import options_from
 from ._device import DeviceDefaults, device_defaults
 from ._shapes import LengthBuckets
 
-__all__ = ["AUTO", "Auto", "WrapperSetup", "resolve_device", "setup"]
+__all__ = [
+    "AUTO",
+    "DEFAULT_LATENCY_TARGET",
+    "Auto",
+    "WrapperSetup",
+    "resolve_device",
+    "scheduling_defaults",
+    "setup",
+]
 
 Auto: TypeAlias = Literal["auto"]
 AUTO: Final = "auto"
 """Default of the wrappers' shape options: chosen from the device (see :class:`DeviceDefaults`)."""
+
+DEFAULT_LATENCY_TARGET: Final = 0.1
+"""The model wrappers' default ``latency_target``, in seconds: the adaptive policy, aiming at a
+p99 of queue wait plus run time under 100 ms (an interactive request's budget)."""
+
+_STATIC_RULE: Final = frozenset({"latency_target", "max_wait", "policy"})
+
+
+def scheduling_defaults(kwargs: BatcherOptionsKw) -> dict[str, Any]:
+    """The wrappers' default policy: ``latency_target=DEFAULT_LATENCY_TARGET``, unless the
+    caller chose one (``latency_target``, ``policy``, or a ``max_wait`` for the static rule)."""
+    if _STATIC_RULE & set(kwargs):
+        return {}
+    return {"latency_target": DEFAULT_LATENCY_TARGET}
 
 
 def resolve_device(model: Any, device: str | torch.device | None) -> torch.device | None:
@@ -58,11 +80,11 @@ def setup(
     """Options and shapes, each the caller's where given, else the device's default.
 
     ``options`` (when given) replaces the wrapper's defaults, the device's ``max_batch_size``
-    included; ``kwargs`` go on top of either.
+    and the default ``latency_target`` included; ``kwargs`` go on top of either.
     """
     dd = device_defaults(device)
     if options is None:
-        base_kw = dict(wrapper_defaults)
+        base_kw = {**scheduling_defaults(kwargs), **wrapper_defaults}
         if dd.max_batch_size is not None:
             base_kw["max_batch_size"] = dd.max_batch_size
         base = options_from(None, base_kw)  # type: ignore[arg-type]

@@ -34,7 +34,15 @@ from ._owner import BatcherOwner
 from ._pipeline import PipelineStages, unstaged_reason
 from ._shapes import LengthBuckets
 from ._tokenize import TextTokenizer, call_unpadded, default_max_length, tokenize_each
-from ._wrap import AUTO, Auto, check_device_executor, make_batcher, resolve_device, setup
+from ._wrap import (
+    AUTO,
+    Auto,
+    check_device_executor,
+    make_batcher,
+    resolve_device,
+    scheduling_defaults,
+    setup,
+)
 from .torch import BatchForward, CollatedBatch, Collator, PaddingSide, PreparedRow
 
 __all__ = [
@@ -359,8 +367,12 @@ class BatchedPipeline(BatcherOwner[Any, Any]):
                 f"{self.unstaged_reason}"
             )
         name = f"pipeline:{getattr(pipe, 'task', type(pipe).__name__)}"
-        defaults: BatcherOptionsKw = {"isolate_errors": True, "name": name}
-        base = options if options is not None else options_from(None, defaults)
+        defaults = {
+            **scheduling_defaults(cast(BatcherOptionsKw, batcher_options)),
+            "isolate_errors": True,
+            "name": name,
+        }
+        base = options if options is not None else options_from(None, defaults)  # type: ignore[arg-type]
         self.batcher: Batcher[Any, Any] = Batcher(
             stages if stages is not None else self.run_batch,
             options=base,
