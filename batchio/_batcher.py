@@ -103,12 +103,12 @@ class Batcher(Generic[InT, OutT]):
         "_closed",
         "_concurrency",
         "_cost_fn",
+        "_device_until",
         "_executor_task",
         "_fast",
         "_fn",
         "_in_flight",
         "_is_async",
-        "_device_until",
         "_lead",
         "_learner",
         "_loop",
@@ -473,6 +473,7 @@ class Batcher(Generic[InT, OutT]):
         entry: Entry
         if (
             timeout is DEFAULT
+            and priority.__class__ is int
             and not priority
             and self._fast
             and _running_loop() is loop is not None
@@ -508,6 +509,7 @@ class Batcher(Generic[InT, OutT]):
         loop = self._open_loop
         if (
             timeout is DEFAULT
+            and priority.__class__ is int
             and not priority
             and self._fast
             and _running_loop() is loop is not None
@@ -525,7 +527,7 @@ class Batcher(Generic[InT, OutT]):
         if loop is None or _running_loop() is not loop:
             self._refuse()
         t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
-        p = check_priority(priority) if priority else 0
+        p = check_priority(priority)
         cost_fn = self._cost_fn
         cost = 0.0 if cost_fn is None else check_cost(cost_fn(item))
         now = self._clock()
@@ -574,7 +576,7 @@ class Batcher(Generic[InT, OutT]):
         if loop is None or _running_loop() is not loop:
             self._refuse()
         t = self._timeout if timeout is DEFAULT else check_timeout(timeout)
-        p = check_priority(priority) if priority else 0
+        p = check_priority(priority)
         rows = list(items)
         cost_fn = self._cost_fn
         costs = None if cost_fn is None else [check_cost(cost_fn(x)) for x in rows]

@@ -692,9 +692,9 @@ class WaitingRoom:
         """Form a batch from the first ``bucket_window`` requests, preferring rows whose cost is
         close to the front request's, so that a padded batch pads little.
 
-        The front request always goes first. A request another batch passed over (taking one
-        ranked after it) ``max_bypass`` times closes the window: nothing ranked after it is
-        taken until it is. So no request is passed over more than ``max_bypass`` times.
+        The front request always goes first. A request behind it that batches passed over
+        (taking one ranked after it) ``max_bypass`` times closes the window: nothing ranked after
+        it is taken until it is. So no request is passed over more than ``max_bypass`` times.
         """
         window: list[Request] = []
         bound = self.max_bypass
@@ -704,8 +704,8 @@ class WaitingRoom:
                 break
             assert type(entry) is Request  # with a cost function every request carries its cost
             window.append(entry)
-            if entry.bypassed >= bound:
-                break
+            if entry.bypassed >= bound and len(window) > 1:
+                break  # (the front request is always taken: it closes nothing)
         batch = Batch()
         waits: list[float] = []
         if not window:
@@ -719,7 +719,7 @@ class WaitingRoom:
         if not head.undispatched and room and len(window) > 1:
             ref = cmax
             last = len(window) - 1
-            forced = last if window[last].bypassed >= bound else -1
+            forced = last if window[last].bypassed >= bound else -1  # it goes first, if it fits
             order = sorted(
                 range(1, len(window)),
                 key=lambda i: (i != forced, abs(window[i].max_cost() - ref), i),
