@@ -69,26 +69,33 @@ class BatchedFunction(Generic[InT, OutT]):
         self._batchers[loop] = b
         return b
 
-    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+    async def __call__(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> OutT:
         """Submit one item and return its result; see :meth:`batchio.Batcher.__call__`.
 
         ``timeout=None`` means no deadline; leaving it out takes the decorator's ``timeout``.
+        ``priority``: higher is served first.
         """
-        return await self.batcher()(item, timeout=timeout)
+        return await self.batcher()(item, timeout=timeout, priority=priority)
 
-    def submit_nowait(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> asyncio.Future[OutT]:
+    def submit_nowait(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> asyncio.Future[OutT]:
         """Submit one item now and return its future; see :meth:`batchio.Batcher.submit_nowait`."""
-        return self.batcher().submit_nowait(item, timeout=timeout)
+        return self.batcher().submit_nowait(item, timeout=timeout, priority=priority)
 
-    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
+    async def map(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> list[OutT]:
         """Submit several items as one request; see :meth:`batchio.Batcher.map`."""
-        return await self.batcher().map(items, timeout=timeout)
+        return await self.batcher().map(items, timeout=timeout, priority=priority)
 
     def map_nowait(
-        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
     ) -> asyncio.Future[list[OutT]]:
         """The future-returning twin of :meth:`map`."""
-        return self.batcher().map_nowait(items, timeout=timeout)
+        return self.batcher().map_nowait(items, timeout=timeout, priority=priority)
 
     def statistics(self, loop: asyncio.AbstractEventLoop | None = None) -> BatcherStatistics:
         """Statistics of one loop's batcher: a pure read, safe from any thread.

@@ -475,3 +475,25 @@ def test_the_controller_waits_for_company_only_while_the_device_is_busy() -> Non
     assert isinstance(pending, Wait)
     assert pending.deadline is None
     assert pending.wake_at_rows == MAX
+
+
+async def test_the_decorator_takes_priorities_too() -> None:
+    from batchio import batch
+
+    seen: list[list[int]] = []
+
+    @batch(max_batch_size=8, max_wait=0)
+    def double(xs: list[int]) -> list[int]:
+        seen.append(list(xs))
+        return [2 * x for x in xs]
+
+    try:
+        assert await double(1, priority=4) == 2
+        assert await double.map([2, 3], priority=-2) == [4, 6]
+        assert await double.submit_nowait(4, priority=1) == 8
+        assert await double.map_nowait([5], priority=1) == [10]
+        with pytest.raises(TypeError, match="priority must be an int"):
+            await double(6, priority="urgent")  # type: ignore[arg-type]
+    finally:
+        await double.aclose()
+    assert sorted(x for b in seen for x in b) == [1, 2, 3, 4, 5]

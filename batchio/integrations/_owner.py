@@ -53,17 +53,21 @@ class BatcherOwner(Generic[InT, OutT]):
     ) -> None:
         await self.batcher.__aexit__(exc_type, exc, tb)
 
-    async def __call__(self, item: InT, *, timeout: TimeoutArg = DEFAULT) -> OutT:
+    async def __call__(
+        self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> OutT:
         """Submit one input and return its result (one request of one row).
 
         ``timeout`` as in :meth:`batchio.Batcher.__call__`: seconds, ``None`` for no deadline,
-        or the wrapper's ``timeout`` option by default.
+        or the wrapper's ``timeout`` option by default. ``priority``: higher is served first.
         """
-        return await self.batcher(item, timeout=timeout)
+        return await self.batcher(item, timeout=timeout, priority=priority)
 
-    async def map(self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT) -> list[OutT]:
+    async def map(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> list[OutT]:
         """Submit several inputs as one request and return their results, in order."""
-        return await self.batcher.map(items, timeout=timeout)
+        return await self.batcher.map(items, timeout=timeout, priority=priority)
 
     def reconfigure(self, **changes: Unpack[ReconfigureKw]) -> BatcherOptions:
         """Change the owned batcher's options live (see :meth:`batchio.Batcher.reconfigure`)."""

@@ -208,19 +208,20 @@ class BatchedModule(BatcherOwner[Any, Any]):
         )
         self.batcher: Batcher[Any, Any] = make_batcher(self.forward, stages, chosen.options)
 
-    async def __call__(self, row: Any, *, timeout: TimeoutArg = DEFAULT) -> Any:
+    async def __call__(self, row: Any, *, timeout: TimeoutArg = DEFAULT, priority: int = 0) -> Any:
         """Run one row (a tensor, or a mapping of 1-D tensors) and return its output.
 
         ``timeout``: seconds, ``None`` for no deadline, or the ``timeout`` option by default.
+        ``priority``: higher is served first (see :doc:`scheduling`).
 
         Raises:
             CollationError: this row cannot run at all (the others still run).
             Exception: whatever the model raised for this row alone; a forward pass that fails is
                 re-run in halves, so rows that run fine still get their results.
         """
-        return await self.batcher(row, timeout=timeout)
+        return await self.batcher(row, timeout=timeout, priority=priority)
 
-    async def rows(self, batch: Any, *, timeout: TimeoutArg = DEFAULT) -> Any:
+    async def rows(self, batch: Any, *, timeout: TimeoutArg = DEFAULT, priority: int = 0) -> Any:
         """Run a batch of k rows (a tensor, or a mapping of tensors with k rows each) as one request.
 
         The k rows count k toward ``max_batch_size`` and may share forward passes with other
@@ -231,7 +232,7 @@ class BatchedModule(BatcherOwner[Any, Any]):
         rows = split_rows(batch)
         if not rows:
             raise CollationError("the batch has no rows")
-        outputs = await self.batcher.map(rows, timeout=timeout)
+        outputs = await self.batcher.map(rows, timeout=timeout, priority=priority)
         side = self.forward.collator.padding_side
         # Stacking copies every row: keep that off the event loop too.
         return await anyio.to_thread.run_sync(stack_outputs, outputs, side)
