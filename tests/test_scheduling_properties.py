@@ -968,6 +968,27 @@ def test_a_partly_running_lowest_request_does_not_stop_shedding(
     assert isinstance(b.future.exception(), RequestShedError)
 
 
+def test_a_cancelled_entry_makes_room_before_a_live_one_is_shed(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A queued row whose caller cancelled it (a ``submit_nowait`` future, noticed lazily) is
+    dropped to make room before any live request is shed for a newcomer.
+
+    max_rows=2: a (priority 1, live), then b (priority 0) whose future is cancelled; b is not at
+    the front, so it still counts. c (priority 2) arrives: dropping b makes room; a should live.
+    """
+    h = Harness(loop, max_rows=2, when_full="shed")
+    a = h.put(Put(priority=1))
+    b = h.put(Put(priority=0))
+    assert a is not None
+    assert b is not None
+    h.cancel(b, report=False)
+    assert h.put(Put(priority=2)) is not None
+    assert not a.future.done(), f"a was shed while a cancelled row held room: {a.future!r}"
+    h.check_counts()
+    assert (h.room.rows, h.room.shed_count) == (2, 0)
+
+
 # -- 8: exactly once, and exact bookkeeping, across random interleavings --------------------------
 
 any_ops = st.lists(
