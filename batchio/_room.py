@@ -292,7 +292,10 @@ class WaitingRoom:
         """Fail queued requests of lower priority than ``entry``, the lowest-ranked first, so
         that ``rows`` more fit; shed nothing when that cannot make room."""
         priority = entry.priority if type(entry) is Request else 0
+        self._purge_dead()  # a cancelled row makes room before a live request is shed
         need = self.rows + rows - max_rows
+        if need <= 0:
+            return
         victims: list[Entry] = []
         freed = 0
         for victim in self._lowest_first():
@@ -319,6 +322,26 @@ class WaitingRoom:
                 victim[ITEM] = None  # type: ignore[index]
                 self.rows -= 1
                 self._outcomes.fail(victim[FUT], exc)  # type: ignore[index]
+
+    def _purge_dead(self) -> None:
+        """Drop every queued entry whose caller is gone, wherever it is (O(n): only when
+        shedding at a full queue, where the queue is scanned anyway)."""
+        heap = self._heap
+        entries = list(self._dq) if heap is None else [t[3] for t in heap]
+        dead: list[Entry] = []
+        for e in entries:
+            if type(e) is Request:
+                if e.state != GONE and e.future.done():
+                    dead.append(e)
+            elif e[STATE] != GONE and e[FUT].done():  # type: ignore[index]
+                dead.append(e)
+        for e in dead:
+            self._remove(e)
+            if type(e) is Request:
+                self._outcomes.cancelled(e)  # uncounts its rows
+            else:
+                self.rows -= 1
+                self._drop_fast(e)  # type: ignore[arg-type]
 
     def _lowest_first(self) -> Iterator[Entry]:
         """The live queued entries, the lowest-ranked first."""
