@@ -88,6 +88,30 @@ async def test_closing_with_a_parked_map_larger_than_a_lowered_bound_does_not_ha
         await asyncio.gather(*calls, return_exceptions=True)
 
 
+async def test_lowering_the_bound_of_a_shedding_queue_does_not_shed_the_queue_for_one_call() -> (
+    None
+):
+    """docs: a smaller ``max_queue_size`` "keeps every queued request and refuses (or parks) new
+    ones until the queue is under it"; shedding fails "just enough to make room". With
+    ``when_full="shed"`` the room needed is measured against the new bound, so the first
+    higher-priority call after the bound is lowered from 6 to 2 sheds five queued requests to
+    admit one row."""
+    fn: GatedBatchFn[Any, Any] = GatedBatchFn(ident, gated=True)
+    async with Batcher(fn, max_batch_size=8, max_wait=0, max_queue_size=6, when_full="shed") as b:
+        first = asyncio.ensure_future(b("gate"))
+        await fn.wait_entered(1)
+        queued = [asyncio.ensure_future(b(i)) for i in range(6)]  # the queue is full
+        await wait_all_tasks_blocked()
+        b.reconfigure(max_queue_size=2)
+        vip = asyncio.ensure_future(b("vip", priority=1))
+        await wait_all_tasks_blocked()
+        stats = b.statistics()
+        fn.open()
+        outcomes = await asyncio.gather(first, *queued, vip, return_exceptions=True)
+    assert stats.scheduler is not None
+    assert stats.scheduler.shed <= 1, outcomes  # one row in, at most one row out
+
+
 # -- heap mode: what the ranked queue keeps alive while a low-priority request waits ----------------
 
 
@@ -386,3 +410,81 @@ class TestOnAVirtualClock:
         # free); it is still queued, and stays so until its deadline (8 s) unless "slow" ends.
         assert stats.scheduler is not None
         assert sum(stats.scheduler.dispatch_reasons.values()) == 3, stats.scheduler
+
+    async def test_a_full_queue_wakes_the_executor_when_the_policy_counts_cost(self) -> None:
+        """Rule 2 dispatches a full queue. The executor learns of one through the row threshold
+        it sets (``wake_at_rows``, clamped to ``max_queue_size``); the adaptive policy counting
+        cost answers ``Wait(wake_at_rows=None, wake_at_cost=cap)`` while a batch is being
+        prepared, so nothing clamps, the queue fills without a wake-up, and calls are refused
+        with ``QueueFullError`` while a batch slot is free. (Without ``batch_cost`` the same
+        steps dispatch the full queue at once.)"""
+        clock = VirtualClock()
+        with clock.install():
+            entered, release = threading.Event(), threading.Event()
+
+            def prepare(xs: list[str]) -> list[str]:
+                if "slow" in xs:
+                    entered.set()
+                    release.wait(GATE_TIMEOUT)
+                return xs
+
+            stages: Stages[str, str] = Stages(run=ident, prepare=prepare, prepare_workers=2)
+            async with Batcher(
+                stages,
+                max_batch_size=8,
+                latency_target=10.0,
+                max_queue_size=2,
+                batch_cost=lambda x: 1.0,
+            ) as b:
+                assert await b("warm") == "warm"  # a model (in cost)
+                slow = asyncio.ensure_future(b("slow"))
+                await wait_event(entered)
+                queued = [asyncio.ensure_future(b("x1"))]
+                await wait_all_tasks_blocked()  # the executor waits for cost (or "slow")
+                queued.append(asyncio.ensure_future(b("x2")))  # the queue is full
+                await wait_all_tasks_blocked()
+                stats = b.statistics()
+                release.set()
+                assert await slow == "slow"
+                assert await asyncio.gather(*queued) == ["x1", "x2"]
+        assert stats.scheduler is not None
+        assert stats.scheduler.last_reason == "queue full", stats.scheduler
+
+    async def test_the_adaptive_policy_does_not_crash_the_executor_with_an_unbounded_cost(
+        self,
+    ) -> None:
+        """Rule 6 (no view of the device: an ``async def fn`` with several batches in flight)
+        computes ``math.ceil(plan.target)`` before it looks at the unit. Counting cost with no
+        ``max_batch_cost``, the ceiling is ``inf``; once requests miss the target (``behind``)
+        ``target`` is that ceiling, and with a flat run time (slope 0: the learner's clamp of a
+        noisy negative slope, typical of a remote call) ``latest`` is ``inf - inf`` = NaN, so
+        rule 6 is reached and ``math.ceil(inf)`` raises ``OverflowError`` in the executor: the
+        batcher breaks and every request fails with ``BatcherBrokenError``. (Past the crash,
+        ``Wait(deadline=nan)`` would arm a NaN timer.)"""
+        clock = VirtualClock()
+        with clock.install():
+            gate = asyncio.Event()
+
+            async def remote(xs: list[str]) -> list[str]:
+                if "gate" in xs:
+                    await gate.wait()
+                clock.advance(0.1)  # a remote call: 0.1 s whatever the batch
+                return xs
+
+            async with Batcher(
+                remote,
+                latency_target=0.05,  # below the 0.1 s every batch takes: "behind"
+                max_concurrent_batches=2,
+                batch_cost=lambda x: float(len(x)),
+            ) as b:
+                assert await b("a") == "a"
+                assert await b("abc") == "abc"  # the model: 0.1 s + 0 per unit of cost
+                first = asyncio.ensure_future(b("gate"))
+                await wait_all_tasks_blocked()
+                second = asyncio.ensure_future(b("x"))  # a batch in flight, a slot free
+                await wait_all_tasks_blocked()
+                healthy = b.healthy
+                gate.set()
+                outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        assert healthy
+        assert outcomes == ["gate", "x"]
