@@ -487,4 +487,4 @@ class TestOnAVirtualClock:
                 gate.set()
                 outcomes = await asyncio.gather(first, second, return_exceptions=True)
         assert healthy
-        assert outcomes == ["gate", "x"]
+        assert list(outcomes) == ["gate", "x"]
