@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import MappingProxyType, TracebackType
@@ -103,6 +104,7 @@ class Batcher(Generic[InT, OutT]):
         "_closed",
         "_concurrency",
         "_cost_fn",
+        "_device_jobs",
         "_device_until",
         "_executor_task",
         "_fast",
@@ -175,6 +177,7 @@ class Batcher(Generic[InT, OutT]):
         self._sched = SchedulerLog()
         self._pending = 0  # staged batches dispatched whose device job has not started
         self._device_until: float | None = None  # predicted end of the running device job
+        self._device_jobs = 0  # this batcher's device jobs started and not yet seen to end
         self._lead = 0.0  # recent seconds from dispatch to the device job's start
         self._recent = 0.0  # recent latency of each batch's slowest request
         self._apply(opts)
@@ -676,8 +679,13 @@ class Batcher(Generic[InT, OutT]):
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
             max_queue = room.max_rows
-            if wake_at is not None and max_queue is not None:
-                wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
+            if max_queue is not None:
+                if wake_at is not None:
+                    wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
+                elif decision.wake_at_cost is not None or decision.deadline is not None:
+                    # Waiting for cost, or for time: a full queue goes too. (Not while waiting
+                    # for a batch slot: the queue being full changes nothing then.)
+                    wake_at = max_queue
             timer = None
             if decision.deadline is not None:
                 timer = loop.call_at(decision.deadline, self._wake)
@@ -698,16 +706,18 @@ class Batcher(Generic[InT, OutT]):
         """Start the batch ``decision`` asks for; False if there was nothing live to take."""
         rows = max(1, decision.rows)
         now = state.now
-        hopeless_before = None
+        predict = None
         model = state.model
         if self._options.early_timeout and model is not None:
-            size: float = rows
-            if model.unit == "cost":
-                size = state.queued_cost
-                if decision.max_cost is not None:
-                    size = min(size, decision.max_cost)
-            hopeless_before = now + model.predict(size)
-        batch, waits = self._room.take(rows, now, decision.max_cost, hopeless_before)
+            if model.unit == "cost" or self._options.allowed_batch_sizes is None:
+                predict = model.predict
+            else:  # the model learned padded sizes
+                padded = self._padded_size
+
+                def predict(size: float) -> float:
+                    return model.predict(padded(math.ceil(size)))
+
+        batch, waits = self._room.take(rows, now, decision.max_cost, predict)
         self._tally.queue_waits.extend(waits)
         if not batch.inputs:
             return False
@@ -827,10 +837,13 @@ class Batcher(Generic[InT, OutT]):
             latency = batch.waited + seconds
             first = self._tally.counts[BATCHES_COUNT] == 1
             self._recent = latency if first else self._recent + 0.2 * (latency - self._recent)
-            if delivered and outcomes is not STALLED:
+            if self._is_async:
+                batch.service = seconds  # no thread to time: the whole call is the bottleneck
+            if delivered and outcomes is not STALLED and batch.service >= 0:
                 # The run-time model learns from every batch that ran to its end (a failed one
-                # too: it took the device as long): the time it kept the bottleneck busy.
-                self._learner.observe(self._size_of(batch), batch.service or seconds)
+                # too: it took the device as long): the time it kept the bottleneck busy. A
+                # staged batch that never reached the device teaches nothing.
+                self._learner.observe(self._size_of(batch), batch.service)
             if not delivered:
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
                 # be left waiting on a batch that will never report.
@@ -857,6 +870,8 @@ class Batcher(Generic[InT, OutT]):
             self._lead += 0.2 * ((now - batch.at) - self._lead)
         model = self._learner.model
         self._device_until = now + (model.predict(self._size_of(batch)) if model else 0.0)
+        batch.on_device = True
+        self._device_jobs += 1
         self._not_pending(batch)
 
     async def _stage_job(
@@ -880,7 +895,11 @@ class Batcher(Generic[InT, OutT]):
             if job.finished:  # raised or returned; a stalled (abandoned) job is not counted
                 work.record(job)
                 if device:
-                    batch.service += job.elapsed
+                    batch.service = max(batch.service, 0.0) + job.elapsed
+            if batch.on_device:  # finished, or abandoned: the device is not this job's any more
+                batch.on_device = False
+                self._device_jobs -= 1
+                if not self._device_jobs:  # (the next job may have started before we heard)
                     self._device_until = None
 
     async def _within_limit(

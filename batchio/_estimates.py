@@ -36,6 +36,8 @@ class RunTimeModel:
 
     def predict(self, size: float) -> float:
         """Predicted seconds for a batch of ``size``."""
+        if not self.slope:  # (0 * inf would be NaN: an unbounded batch of a flat cost)
+            return self.intercept
         return self.intercept + self.slope * size
 
     def largest_within(self, seconds: float) -> float:

@@ -239,7 +239,7 @@ class LatencyTarget:
             state.oldest_enqueued_at is not None and state.now - state.oldest_enqueued_at >= half
         )
         cap = min(ceiling, max(m.largest_within(half), 1.0))  # a lone row always runs
-        target = cap
+        target = 1.0  # no arrivals seen lately: no company to wait for
         rate = state.arrival_rate
         if rate > 0:
             if rate * m.slope < 1:
@@ -298,8 +298,11 @@ class LatencyTarget:
         full_cost = plan.cap if by_cost and math.isfinite(plan.cap) else None
         if state.pending_batches > 0:
             # A batch is being prepared for the device already: another would queue behind it.
-            # Wait for it to reach the device (the executor is woken), or for a full batch.
-            return Wait(deadline=None, wake_at_rows=full_rows, wake_at_cost=full_cost)
+            # Wait for it to reach the device (the executor is woken), for a full batch, or
+            # until the most urgent request must start.
+            if state.now >= plan.latest:
+                return Dispatch(rows, max_cost, "latency target")
+            return Wait(deadline=plan.latest, wake_at_rows=full_rows, wake_at_cost=full_cost)
         if state.device_free_at is not None:
             # Just in time: form the next batch as late as it can be prepared before the device
             # frees, so it holds every row that arrived meanwhile and the device never idles.
@@ -316,9 +319,8 @@ class LatencyTarget:
             return Dispatch(rows, max_cost, "target size")
         if state.now >= plan.latest:
             return Dispatch(rows, max_cost, "latency target")
-        wake = math.ceil(plan.target)
         return Wait(
             deadline=plan.latest,
-            wake_at_rows=None if by_cost else wake,
-            wake_at_cost=plan.target if by_cost else None,
+            wake_at_rows=None if by_cost else math.ceil(plan.target),
+            wake_at_cost=plan.target if by_cost and math.isfinite(plan.target) else None,
         )

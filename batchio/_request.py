@@ -159,6 +159,7 @@ class Batch:
         "inputs",
         "job",
         "offsets",
+        "on_device",
         "owners",
         "pending",
         "pool",
@@ -174,7 +175,8 @@ class Batch:
         self.cost = 0.0  # what its rows cost (summed, or padded), with a cost function
         self.at = 0.0  # when it was dispatched
         self.waited = 0.0  # the longest queue wait of its requests
-        self.service = 0.0  # seconds its jobs ran on the bottleneck (the device stage's thread)
+        self.service = -1.0  # seconds its jobs ran on the bottleneck (-1: none ran there)
+        self.on_device = False  # its device job has started and not yet been seen to finish
         self.pending = False  # dispatched, and its device job has not started yet (staged)
         self.job: Any = None  # the worker job running it (a sync fn, or a stage), once started
         self.pool: Any = None  # the WorkerThreads running `job`

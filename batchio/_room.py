@@ -73,6 +73,7 @@ class WaitingRoom:
         "_deadlines",
         "_dq",
         "_fifo_fast",
+        "_front_seq",
         "_heap",
         "_outcomes",
         "_parked",
@@ -112,6 +113,7 @@ class WaitingRoom:
         self._arrivals: deque[Entry] = deque()  # heap mode: entries in arrival order
         self._deadlines: list[tuple[float, int, Request]] = []  # queued deadlines, lazily pruned
         self._seq = 0
+        self._front_seq = 0
         self._fifo_fast = True  # a fast entry may be appended to the deque as it is
         self._parked: deque[Entry] = deque()
         self.rows = 0  # rows in the queue (a lazily noticed cancellation counts until dropped)
@@ -229,14 +231,24 @@ class WaitingRoom:
             if type(entry) is Request:
                 entry.key = key
             heapq.heappush(heap, (*key, entry))
-            self._arrivals.append(entry)
+            arrivals = self._arrivals
+            arrivals.append(entry)
+            if len(arrivals) > 2 * len(heap) + 16:
+                # Entries that left are dropped from the front only; behind an old request that
+                # waits (a low priority) they would pile up, with their inputs: compact.
+                self._arrivals = deque(e for e in arrivals if _live(e))
         self.rows += rows
         if type(entry) is Request:
             self.cost += entry.cost
             self.arrived += entry.cost if self.costed else rows
             if entry.deadline is not None:
                 self._seq += 1
-                heapq.heappush(self._deadlines, (entry.deadline, self._seq, entry))
+                deadlines = self._deadlines
+                heapq.heappush(deadlines, (entry.deadline, self._seq, entry))
+                if len(deadlines) > 2 * (len(self._dq) + len(heap or ())) + 16:
+                    # Pruned at the top only: compact what left meanwhile (see _arrivals).
+                    self._deadlines = [t for t in deadlines if t[2].state == QUEUED]
+                    heapq.heapify(self._deadlines)
         else:
             self.arrived += 1
 
@@ -269,11 +281,12 @@ class WaitingRoom:
 
     def _admit_or_refuse(self, entry: Entry, rows: int) -> None:
         max_rows: int = self.max_rows  # type: ignore[assignment]
+        made_room = False
         if not self.parked_rows and self.rows + rows > max_rows:
             self.drop_dead_front()  # amortised O(1): each dead entry is dropped once
-            if self.shed and rows <= max_rows:
-                self._shed_for(entry, rows, max_rows)
-        if not self.parked_rows and self.rows + rows <= max_rows:
+            if self.shed and rows <= max_rows and self.rows + rows > max_rows:
+                made_room = self._shed_for(entry, rows, max_rows)
+        if not self.parked_rows and (made_room or self.rows + rows <= max_rows):
             self._enqueue(entry, rows)
         elif self.wait_for_room and rows <= max_rows:
             self._set_state(entry, PARKED)
@@ -288,14 +301,18 @@ class WaitingRoom:
         elif self.max_rows is not None and self.rows >= self.max_rows:
             self._fire()
 
-    def _shed_for(self, entry: Entry, rows: int, max_rows: int) -> None:
+    def _shed_for(self, entry: Entry, rows: int, max_rows: int) -> bool:
         """Fail queued requests of lower priority than ``entry``, the lowest-ranked first, so
-        that ``rows`` more fit; shed nothing when that cannot make room."""
+        that ``rows`` more fit; shed nothing when that cannot make room. True if it made room.
+
+        Over a bound lowered by ``reconfigure`` the queue is let down gently: at most ``rows``
+        are shed for ``rows`` admitted (one in, one out), never the whole excess at once.
+        """
         priority = entry.priority if type(entry) is Request else 0
         self._purge_dead()  # a cancelled row makes room before a live request is shed
-        need = self.rows + rows - max_rows
+        need = min(rows, self.rows + rows - max_rows)
         if need <= 0:
-            return
+            return True
         victims: list[Entry] = []
         freed = 0
         for victim in self._lowest_first():
@@ -309,7 +326,7 @@ class WaitingRoom:
             if freed >= need:
                 break
         if freed < need:
-            return  # the request is refused; nobody is shed for nothing
+            return False  # the request is refused; nobody is shed for nothing
         for victim in victims:
             self._remove(victim)
             self.shed_count += 1
@@ -322,6 +339,7 @@ class WaitingRoom:
                 victim[ITEM] = None  # type: ignore[index]
                 self.rows -= 1
                 self._outcomes.fail(victim[FUT], exc)  # type: ignore[index]
+        return True
 
     def _purge_dead(self) -> None:
         """Drop every queued entry whose caller is gone, wherever it is (O(n): only when
@@ -418,6 +436,19 @@ class WaitingRoom:
                     self.parked_rows -= 1
                     self._drop_fast(entry)  # type: ignore[arg-type]
                     continue
+            if rows > max_rows:
+                # Larger than a bound lowered since it was parked: it can never fit, and it
+                # would hold back everyone parked behind it.
+                parked.popleft()
+                self.parked_rows -= rows
+                if type(entry) is Request:
+                    entry.state = GONE
+                    entry.undispatched = 0
+                    self._outcomes.fail(entry, QueueFullError(self.rows, rows, max_rows))
+                else:
+                    entry[STATE] = GONE  # type: ignore[index]
+                    self._outcomes.fail(entry[FUT], QueueFullError(self.rows, rows, max_rows))  # type: ignore[index]
+                continue
             if self.rows + rows > max_rows:
                 self.drop_dead_front()
                 if self.rows + rows > max_rows:
@@ -521,21 +552,25 @@ class WaitingRoom:
         max_rows: int,
         now: float,
         max_cost: float | None = None,
-        hopeless_before: float | None = None,
+        predict: Callable[[float], float] | None = None,
     ) -> tuple[Batch, list[float]]:
         """Take up to ``max_rows`` live rows (and at most ``max_cost`` of cost) in rank order.
 
         Returns the batch and each new request's wait in the queue. A request found past its
         deadline is timed out instead (its timer may not have fired yet): never dispatched late.
-        One whose deadline falls before ``hopeless_before`` (when the batch is predicted to
-        finish) is timed out early. With a cost budget the first row always fits (an oversized
-        item runs alone); with a bucket window, rows of similar cost are picked from the front
-        of the queue, within the bypass bound (see :meth:`_take_bucketed`).
+        With a cost budget the first row always fits (an oversized item runs alone); with a
+        bucket window, rows of similar cost are picked from the front of the queue, within the
+        bypass bound (see :meth:`_take_bucketed`).
+
+        With ``predict`` (seconds a batch of a size runs; ``early_timeout``), a request not yet
+        dispatched whose deadline falls before ``now`` plus its own predicted run time (alone,
+        or over the batches a large ``map`` needs) is timed out early; and the batch stops
+        before a request that would make it finish after the deadline of one already in it.
         """
-        if self._heap is not None or self.costed or hopeless_before is not None:
+        if self._heap is not None or self.costed or predict is not None:
             if self.costed and self.bucket_window > 1:
-                return self._take_bucketed(max_rows, now, max_cost, hopeless_before)
-            return self._take_ranked(max_rows, now, max_cost, hopeless_before)
+                return self._take_bucketed(max_rows, now, max_cost, predict)
+            return self._take_ranked(max_rows, now, max_cost, predict)
         batch = Batch()
         waits: list[float] = []
         dq = self._dq
@@ -598,6 +633,16 @@ class WaitingRoom:
             return self._dq.popleft() if self._dq else None
         return heapq.heappop(heap)[3] if heap else None
 
+    def _push_fast_front(self, entry: list[Any]) -> None:
+        """Put a popped fast entry back at the front (heap mode: with a fresh key that ranks
+        first among fast entries, ahead of every later arrival)."""
+        heap = self._heap
+        if heap is None:
+            self._dq.appendleft(entry)
+        else:
+            self._front_seq -= 1  # unique, and ahead of every key handed out
+            heapq.heappush(heap, (0, _INF, self._front_seq, entry))
+
     def _push_front(self, entries: list[Request]) -> None:
         """Put popped, untaken requests back where they were (``entries`` in rank order)."""
         heap = self._heap
@@ -607,7 +652,9 @@ class WaitingRoom:
             for req in entries:
                 heapq.heappush(heap, (*req.key, req))  # type: ignore[misc]
 
-    def _live_next(self, now: float, hopeless_before: float | None) -> Entry | None:
+    def _live_next(
+        self, now: float, predict: Callable[[float], float] | None, max_rows: int
+    ) -> Entry | None:
         """The next live entry in rank order, settling dead, expired and hopeless ones."""
         while True:
             entry = self._pop()
@@ -632,11 +679,42 @@ class WaitingRoom:
                 if deadline <= now:
                     self._outcomes.time_out(req)
                     continue
-                if hopeless_before is not None and deadline < hopeless_before:
+                if (
+                    predict is not None
+                    and req.offset == 0
+                    and deadline < now + self._alone(req, predict, max_rows)
+                ):
                     self.early_timeouts += 1
                     self._outcomes.time_out(req, early=True)
                     continue
             return req
+
+    def _alone(self, req: Request, predict: Callable[[float], float], max_rows: int) -> float:
+        """Predicted seconds to run all of ``req``'s rows, from the front of the queue: one
+        batch, or as many full ones as a large ``map`` needs."""
+        rows = req.undispatched
+        full, rest = divmod(rows, max_rows)
+        if not self.costed:
+            return full * predict(max_rows) + (predict(rest) if rest else 0.0)
+        per_row = req.max_cost() if self.padded else req.cost / rows
+        return full * predict(per_row * max_rows) + (predict(per_row * rest) if rest else 0.0)
+
+    def _size(self, rows: int, csum: float, cmax: float) -> float:
+        """A batch's size as the run-time model counts it."""
+        if not self.costed:
+            return rows
+        return cmax * rows if self.padded else csum
+
+    def _in_time(
+        self,
+        predict: Callable[[float], float] | None,
+        now: float,
+        size: float,
+        limit: float,
+    ) -> bool:
+        """Whether a batch of ``size`` is predicted to finish by ``limit`` (the earliest
+        deadline of the requests it would complete)."""
+        return predict is None or limit == _INF or now + predict(size) <= limit
 
     def _fit(
         self, req: Request, room: int, taken: int, csum: float, cmax: float, max_cost: float | None
@@ -670,6 +748,7 @@ class WaitingRoom:
         self.cost -= before - (req.cost if req.undispatched else 0.0)
         if not req.undispatched:
             req.state = GONE
+            req.item = req.items = None  # the batch holds them; the index entries must not
 
     def _finish_take(self, batch: Batch, taken: int, csum: float, cmax: float) -> None:
         self.rows -= taken
@@ -679,27 +758,42 @@ class WaitingRoom:
         self._settle_order()
 
     def _take_ranked(
-        self, max_rows: int, now: float, max_cost: float | None, hopeless_before: float | None
+        self,
+        max_rows: int,
+        now: float,
+        max_cost: float | None,
+        predict: Callable[[float], float] | None,
     ) -> tuple[Batch, list[float]]:
         batch = Batch()
         waits: list[float] = []
         room, taken, csum, cmax = max_rows, 0, 0.0, 0.0
+        limit = _INF  # the earliest deadline of a request this batch completes
         while room:
-            entry = self._live_next(now, hopeless_before)
+            entry = self._live_next(now, predict, max_rows)
             if entry is None:
                 break
             if type(entry) is not Request:
                 fast: list[Any] = entry  # type: ignore[assignment]
+                if taken and not self._in_time(predict, now, taken + 1, limit):
+                    self._push_fast_front(fast)  # a row more would make the batch late
+                    break
                 fast[STATE] = GONE
                 batch.add_fast(fast[FUT], fast[ITEM])
+                fast[ITEM] = None  # the batch holds it; the index entries must not
                 waits.append(now - fast[AT])
                 room -= 1
                 taken += 1
                 continue
-            n, csum, cmax = self._fit(entry, room, taken, csum, cmax, max_cost)
-            if n == 0:
-                self._push_front([entry])  # over the budget: it leads the next batch
+            n, s, m = self._fit(entry, room, taken, csum, cmax, max_cost)
+            completes = n == entry.undispatched
+            own = entry.deadline if completes and entry.deadline is not None else _INF
+            if n == 0 or (
+                taken
+                and not self._in_time(predict, now, self._size(taken + n, s, m), min(limit, own))
+            ):
+                self._push_front([entry])  # over the budget, or too late with it: it leads next
                 break
+            csum, cmax, limit = s, m, min(limit, own)
             self._add(batch, entry, n, now, waits)
             room -= n
             taken += n
@@ -710,7 +804,11 @@ class WaitingRoom:
         return batch, waits
 
     def _take_bucketed(
-        self, max_rows: int, now: float, max_cost: float | None, hopeless_before: float | None
+        self,
+        max_rows: int,
+        now: float,
+        max_cost: float | None,
+        predict: Callable[[float], float] | None,
     ) -> tuple[Batch, list[float]]:
         """Form a batch from the first ``bucket_window`` requests, preferring rows whose cost is
         close to the front request's, so that a padded batch pads little.
@@ -722,7 +820,7 @@ class WaitingRoom:
         window: list[Request] = []
         bound = self.max_bypass
         while len(window) < self.bucket_window:
-            entry = self._live_next(now, hopeless_before)
+            entry = self._live_next(now, predict, max_rows)
             if entry is None:
                 break
             assert type(entry) is Request  # with a cost function every request carries its cost
@@ -736,6 +834,7 @@ class WaitingRoom:
             return batch, waits
         head = window[0]
         n, csum, cmax = self._fit(head, max_rows, 0, 0.0, 0.0, max_cost)
+        limit = head.deadline if head.deadline is not None and n == head.undispatched else _INF
         self._add(batch, head, n, now, waits)
         room, taken = max_rows - n, n
         chosen = [0]
@@ -753,9 +852,12 @@ class WaitingRoom:
                 if rows > room:
                     continue
                 k, s, m = self._fit(req, rows, taken, csum, cmax, max_cost)
-                if k < rows:
+                own = req.deadline if req.deadline is not None else _INF
+                if k < rows or not self._in_time(
+                    predict, now, self._size(taken + rows, s, m), min(limit, own)
+                ):
                     continue
-                csum, cmax = s, m
+                csum, cmax, limit = s, m, min(limit, own)
                 self._add(batch, req, rows, now, waits)
                 chosen.append(i)
                 room -= rows

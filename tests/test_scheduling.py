@@ -473,7 +473,7 @@ def test_the_controller_waits_for_company_only_while_the_device_is_busy() -> Non
         )
     )
     assert isinstance(pending, Wait)
-    assert pending.deadline is None
+    assert pending.deadline == policy.plan(QueueState(now=0.0, free_slots=1, **base)).latest
     assert pending.wake_at_rows == MAX
 
 

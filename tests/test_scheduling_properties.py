@@ -79,7 +79,7 @@ class Take:
 
     max_rows: int
     max_cost: float | None = None
-    hopeless: float | None = None  # hopeless_before, in seconds after now
+    hopeless: float | None = None  # early time-outs: every batch is predicted to take this long
     tidy: bool = True  # admit parked requests and drop the dead front first (the executor does)
 
 
@@ -258,7 +258,7 @@ class Harness:
         self,
         max_rows: int,
         max_cost: float | None = None,
-        hopeless_before: float | None = None,
+        run_time: float | None = None,
         *,
         tidy: bool = True,
     ) -> tuple[Batch, list[tuple[Call, int]]]:
@@ -268,7 +268,8 @@ class Harness:
             if room.parked_rows:
                 room.admit_parked()
             room.drop_dead_front()
-        batch, _ = room.take(max_rows, self.now, max_cost, hopeless_before)
+        predict = None if run_time is None else (lambda size: run_time)
+        batch, _ = room.take(max_rows, self.now, max_cost, predict)
         rows: list[tuple[Call, int]] = []
         for item in batch.inputs:
             i, j = item
@@ -319,9 +320,8 @@ class Harness:
         if isinstance(op, Put):
             self.put(op)
         elif isinstance(op, Take):
-            hopeless = None if op.hopeless is None else self.now + op.hopeless
             max_cost = op.max_cost if self.room.costed else None
-            self.take(op.max_rows, max_cost, hopeless, tidy=op.tidy)
+            self.take(op.max_rows, max_cost, op.hopeless, tidy=op.tidy)
         elif isinstance(op, Cancel):
             pending = [c for c in self.calls if not c.future.done()]
             if pending:
