@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from batchio import Batcher, QueueFullError, RequestTimeoutError, Stages
+from batchio import (
+    Batcher,
+    Dispatch,
+    QueueFullError,
+    QueueState,
+    RequestTimeoutError,
+    Stages,
+    Wait,
+)
 from batchio.testing import GatedBatchFn, VirtualClock, wait_all_tasks_blocked
 
 from .conftest import GATE_TIMEOUT, wait_event
@@ -109,6 +117,50 @@ async def test_lowering_the_bound_of_a_shedding_queue_does_not_shed_the_queue_fo
         outcomes = await asyncio.gather(first, *queued, vip, return_exceptions=True)
     assert stats.scheduler is not None
     assert stats.scheduler.shed <= 1, outcomes  # one row in, at most one row out
+
+
+class PacedPolicy:
+    """A custom policy that dispatches at most once an hour (a rate limiter): between dispatches
+    it waits on the clock alone, ``Wait(deadline, wake_at_rows=None)`` ("None: arrivals do not
+    wake it"). It notices being asked again and again with nothing changed, and then dispatches,
+    so that a spinning executor ends instead of freezing the test's event loop."""
+
+    max_batch_size = 8
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.asked_in_a_row = 0
+        self.spun = False
+
+    def decide(self, state: QueueState) -> Dispatch | Wait:
+        if state.free_slots <= 0:
+            return Wait(deadline=None, wake_at_rows=None)
+        if state.queued_rows <= 0:
+            return Wait(deadline=None, wake_at_rows=1)
+        self.asked_in_a_row += 1
+        if self.asked_in_a_row > 1000:
+            self.spun = True  # the executor asked 1000 times without waiting in between
+        if state.closing or self.last is None or self.spun:
+            self.last, self.asked_in_a_row = state.now, 0
+            return Dispatch(self.max_batch_size)
+        return Wait(deadline=self.last + HOUR, wake_at_rows=None)
+
+
+async def test_a_policy_waiting_on_the_clock_at_a_full_queue_does_not_spin_the_executor() -> None:
+    """(A regression of ce8456b, "waiting on cost or time wakes at a full queue".) The executor
+    now turns ``Wait(deadline=..., wake_at_rows=None)`` into a wake-up at ``max_queue_size``
+    rows; at a queue already full, ``room.wake_at`` fires at once, ``await waiter`` returns
+    without yielding, and the executor asks the policy again, for ever, inside one step of the
+    event loop: the loop is frozen (no timer, no other task, no deadline runs again)."""
+    policy = PacedPolicy()
+    async with Batcher(ident, policy=policy, max_queue_size=2) as b:
+        assert await b(0) == 0  # dispatched at once; the next batch may go in an hour
+        calls = [b.submit_nowait(i) for i in (1, 2)]  # the queue is full
+        await wait_all_tasks_blocked()
+        spun = policy.spun
+        b.reconfigure(policy=None, max_wait=0)
+        assert await asyncio.gather(*calls) == [1, 2]
+    assert not spun, "the executor asked the policy 1000 times in a row without waiting"
 
 
 # -- heap mode: what the ranked queue keeps alive while a low-priority request waits ----------------
