@@ -679,12 +679,14 @@ class Batcher(Generic[InT, OutT]):
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
             max_queue = room.max_rows
-            if max_queue is not None:
+            if max_queue is not None and room.rows < max_queue:
+                # (Not at a queue the policy saw full: waking at once would only ask it again,
+                # for ever.)
                 if wake_at is not None:
                     wake_at = min(wake_at, max_queue)  # a full queue is as full as it gets
                 elif decision.wake_at_cost is not None or decision.deadline is not None:
-                    # Waiting for cost, or for time: a full queue goes too. (Not while waiting
-                    # for a batch slot: the queue being full changes nothing then.)
+                    # Waiting for cost, or for time: the queue filling up wakes it too (not
+                    # while waiting for a batch slot: a full queue changes nothing then).
                     wake_at = max_queue
             timer = None
             if decision.deadline is not None:
