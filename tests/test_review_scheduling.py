@@ -539,3 +539,18 @@ class TestOnAVirtualClock:
                 outcomes = await asyncio.gather(first, second, return_exceptions=True)
         assert healthy
         assert list(outcomes) == ["gate", "x"]
+
+    async def test_wait_all_tasks_blocked_runs_the_timers_an_advance_made_due(self) -> None:
+        """``VirtualClock``'s docstring: after :meth:`advance`, "the timers now due run on the
+        loop's next iteration (``await wait_all_tasks_blocked()`` from this module)". They do
+        not: ``wait_all_tasks_blocked`` checks the tasks in the same iteration, before the
+        callbacks that iteration moved from the timer heap to the ready queue, finds every task
+        blocked and returns, so the test asserts before ``max_wait``, a deadline or a policy's
+        timer has had any effect (this file's tests need an extra ``asyncio.sleep(0)``)."""
+        loop = asyncio.get_running_loop()
+        with VirtualClock().install() as clock:
+            fired: list[int] = []
+            loop.call_at(loop.time() + 1.0, fired.append, 1)
+            clock.advance(1.0)
+            await wait_all_tasks_blocked()
+            assert fired == [1]
