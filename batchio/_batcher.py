@@ -37,7 +37,7 @@ from ._options import (
 )
 from ._outcomes import Outcomes
 from ._outputs import output_rows
-from ._policy import Dispatch, LatencyTarget, QueueState, Wait
+from ._policy import Dispatch, LatencyTarget, MaxSizeOrWait, QueueState, Wait
 from ._request import FUT, QUEUED, Batch, Entry, Request
 from ._room import WaitingRoom
 from ._stages import DEVICE, STALLED, Pipeline, Stages, StageWork
@@ -60,6 +60,7 @@ _log: Final = logging.getLogger("batchio")
 _running_loop: Final = asyncio._get_running_loop  # the C accessor: None outside a loop, no raise
 _INF: Final = float("inf")
 _PROPAGATE: Final = (KeyboardInterrupt, SystemExit)
+_FOR_ARRIVAL: Final = Wait(deadline=None, wake_at_rows=1)
 _FIXED_OPTIONS: Final = frozenset({"max_concurrent_batches", "when_full", "name", "batch_cost"})
 
 
@@ -121,6 +122,7 @@ class Batcher(Generic[InT, OutT]):
         "_outcomes",
         "_pending",
         "_pipeline",
+        "_plain_policy",
         "_policy",
         "_raw_fn",
         "_recent",
@@ -315,6 +317,7 @@ class Batcher(Generic[InT, OutT]):
         """Hand the options the call path and the waiting room read to them."""
         # A call is a fast entry (no Request object) when it needs no bookkeeping.
         self._fast = opts.timeout is None and opts.batch_cost is None
+        self._plain_policy = type(self._policy) is MaxSizeOrWait
         room = self._room
         room.costed = opts.batch_cost is not None
         room.padded = opts.padded_cost
@@ -638,44 +641,30 @@ class Batcher(Generic[InT, OutT]):
         room = self._room
         concurrency = self._concurrency
         clock = self._clock
+        sched = self._sched
         while True:
             if room.parked_rows:
                 room.admit_parked()
-            room.drop_dead_front()  # so the row count and the oldest arrival below are live
+            room.drop_dead_front()  # so the row count and the front below are live
             if self._closed and room.empty:
                 return
-            now = clock()
-            state = QueueState(
-                now=now,
-                queued_rows=room.rows,
-                oldest_enqueued_at=room.oldest_enqueued_at(),
-                free_slots=concurrency - self._in_flight,
-                closing=self._closed,
-                queue_full=room.full,
-                in_flight=self._in_flight,
-                earliest_deadline=room.earliest_deadline(),
-                queued_cost=room.cost,
-                arrival_rate=self._meter.sample(now, room.arrived),
-                model=self._learner.model,
-                pending_batches=self._pending,
-                device_free_at=None
-                if self._pipeline is None
-                else (now if self._device_until is None else self._device_until),
-                lead_time=self._lead,
-                recent_latency=self._recent,
-            )
-            sched = self._sched
-            sched.last_state = state
-            # Read per decision, not once: reconfigure() may have changed it since.
-            decision = self._policy.decide(state)
-            if isinstance(decision, Dispatch):
-                if self._dispatch(decision, state) or not room.empty or self._closed:
-                    # Look again: rows the batch timed out may have made room for parked ones,
-                    # or emptied a closing queue (then the executor exits at the top).
-                    continue
-                # A policy that dispatches from an empty queue would spin the loop: wait for
-                # the next arrival instead.
-                decision = Wait(deadline=None, wake_at_rows=1)
+            decision: Dispatch | Wait
+            if not room.rows:
+                # Nothing to decide: any policy waits for an arrival (with parked requests, the
+                # room the next batch frees wakes it).
+                decision = _FOR_ARRIVAL
+            else:
+                state = sched.last_state = self._state(clock(), concurrency)
+                # Read per decision, not once: reconfigure() may have changed it since.
+                decision = self._policy.decide(state)
+                if isinstance(decision, Dispatch):
+                    if self._dispatch(decision, state) or not room.empty or self._closed:
+                        # Look again: rows the batch timed out may have made room for parked
+                        # ones, or emptied a closing queue (then the executor exits above).
+                        continue
+                    # A policy that dispatches from an empty queue would spin the loop: wait
+                    # for the next arrival instead.
+                    decision = _FOR_ARRIVAL
             waiter = self._waiter = loop.create_future()
             wake_at = decision.wake_at_rows
             max_queue = room.max_rows
@@ -691,7 +680,7 @@ class Batcher(Generic[InT, OutT]):
             timer = None
             if decision.deadline is not None:
                 timer = loop.call_at(decision.deadline, self._wake)
-                sched.last_wait = max(0.0, decision.deadline - now)
+                sched.last_wait = max(0.0, decision.deadline - sched.last_state.now)
             wake_cost = decision.wake_at_cost
             room.wake_at(  # wakes at once if already there
                 _INF if wake_at is None else wake_at, _INF if wake_cost is None else wake_cost
@@ -704,13 +693,50 @@ class Batcher(Generic[InT, OutT]):
                 if timer is not None:
                     timer.cancel()
 
+    def _state(self, now: float, concurrency: int) -> QueueState:
+        """What the policy decides from, now."""
+        room = self._room
+        rate = self._meter.sample(now, room.arrived)
+        if self._plain_policy:
+            # The static rule reads none of what is learned: spare building it per batch.
+            return QueueState(
+                now=now,
+                queued_rows=room.rows,
+                oldest_enqueued_at=room.oldest_enqueued_at(),
+                free_slots=concurrency - self._in_flight,
+                closing=self._closed,
+                queue_full=room.full,
+                in_flight=self._in_flight,
+                queued_cost=room.cost,
+                arrival_rate=rate,
+            )
+        return QueueState(
+            now=now,
+            queued_rows=room.rows,
+            oldest_enqueued_at=room.oldest_enqueued_at(),
+            free_slots=concurrency - self._in_flight,
+            closing=self._closed,
+            queue_full=room.full,
+            in_flight=self._in_flight,
+            earliest_deadline=room.earliest_deadline(),
+            queued_cost=room.cost,
+            arrival_rate=rate,
+            model=self._learner.model,
+            pending_batches=self._pending,
+            device_free_at=None
+            if self._pipeline is None
+            else (now if self._device_until is None else self._device_until),
+            lead_time=self._lead,
+            recent_latency=self._recent,
+        )
+
     def _dispatch(self, decision: Dispatch, state: QueueState) -> bool:
         """Start the batch ``decision`` asks for; False if there was nothing live to take."""
         rows = max(1, decision.rows)
         now = state.now
         predict = None
-        model = state.model
-        if self._options.early_timeout and model is not None:
+        model = self._learner.model if self._options.early_timeout else None
+        if model is not None:
             if model.unit == "cost" or self._options.allowed_batch_sizes is None:
                 predict = model.predict
             else:  # the model learned padded sizes
@@ -740,7 +766,10 @@ class Batcher(Generic[InT, OutT]):
         return True
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
+        batch = self._running.pop(task, None)
+        if batch is not None:  # (cancelled before its first step, its finally never ran)
+            self._not_pending(batch)
+            self._off_device(batch)
         self._in_flight -= 1
         _consume(task)  # its outcome was delivered to its requests already
         self._wake()
@@ -805,11 +834,14 @@ class Batcher(Generic[InT, OutT]):
                         notify_start=limit is not None,
                     )
                     batch.pool = threads
-                    if limit is None:
-                        outcomes = await job.future
-                    else:
-                        outcomes = await self._within_limit(batch, job, limit, threads)
-                    batch.service = job.elapsed
+                    try:
+                        if limit is None:
+                            outcomes = await job.future
+                        else:
+                            outcomes = await self._within_limit(batch, job, limit, threads)
+                    finally:
+                        if job.finished:  # returned or raised: it took the thread that long
+                            batch.service = job.elapsed
             except Exception as exc:
                 self._outcomes.fail_batch(batch, exc)
             except BaseException as exc:
@@ -836,16 +868,17 @@ class Batcher(Generic[InT, OutT]):
             seconds = self._clock() - dispatched_at
             self._tally.batch_ran(n, seconds)
             self._not_pending(batch)
-            latency = batch.waited + seconds
-            first = self._tally.counts[BATCHES_COUNT] == 1
-            self._recent = latency if first else self._recent + 0.2 * (latency - self._recent)
+            if not self._plain_policy:  # (only the adaptive, or a custom, policy reads it)
+                latency = batch.waited + seconds
+                first = self._tally.counts[BATCHES_COUNT] == 1
+                self._recent = latency if first else self._recent + 0.2 * (latency - self._recent)
             if self._is_async:
                 batch.service = seconds  # no thread to time: the whole call is the bottleneck
             if delivered and outcomes is not STALLED and batch.service >= 0:
                 # The run-time model learns from every batch that ran to its end (a failed one
                 # too: it took the device as long): the time it kept the bottleneck busy. A
                 # staged batch that never reached the device teaches nothing.
-                self._learner.observe(self._size_of(batch), batch.service)
+                self._learner.add(self._size_of(batch), batch.service)
             if not delivered:
                 # Cancellation (loop shutdown, a bounded close) or a bug in delivery: nobody may
                 # be left waiting on a batch that will never report.
@@ -858,6 +891,13 @@ class Batcher(Generic[InT, OutT]):
             return batch.cost
         return self._padded_size(len(batch.inputs))
 
+    def _off_device(self, batch: Batch) -> None:
+        if batch.on_device:
+            batch.on_device = False
+            self._device_jobs -= 1
+            if not self._device_jobs:  # (the next job may have started before we heard)
+                self._device_until = None
+
     def _not_pending(self, batch: Batch) -> None:
         if batch.pending:
             batch.pending = False
@@ -868,8 +908,6 @@ class Batcher(Generic[InT, OutT]):
         if started.cancelled():
             return
         now = self._clock()
-        if batch.pending:
-            self._lead += 0.2 * ((now - batch.at) - self._lead)
         model = self._learner.model
         self._device_until = now + (model.predict(self._size_of(batch)) if model else 0.0)
         batch.on_device = True
@@ -883,6 +921,11 @@ class Batcher(Generic[InT, OutT]):
         limit = self._options.batch_time_limit
         pool = work.threads  # first: a closed shared device refuses here, before anything runs
         device = work.name == DEVICE
+        if device and batch.pending:
+            # The lead is the preparation: dispatch until the batch is ready for the device
+            # (not until the device takes it, which would count waiting for it too, and make
+            # just-in-time dispatch earlier each time it was early).
+            self._lead += 0.2 * ((self._clock() - batch.at) - self._lead)
         job = batch.job = work.run(pool, fn, arg, notify_start=device or limit is not None)
         if device and job.started is not None:
             job.started.add_done_callback(functools.partial(self._device_started, batch))
@@ -898,11 +941,7 @@ class Batcher(Generic[InT, OutT]):
                 work.record(job)
                 if device:
                     batch.service = max(batch.service, 0.0) + job.elapsed
-            if batch.on_device:  # finished, or abandoned: the device is not this job's any more
-                batch.on_device = False
-                self._device_jobs -= 1
-                if not self._device_jobs:  # (the next job may have started before we heard)
-                    self._device_until = None
+            self._off_device(batch)  # finished, or abandoned: the device is not its any more
 
     async def _within_limit(
         self,

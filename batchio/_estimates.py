@@ -59,26 +59,39 @@ class RunTimeLearner:
     and so errs toward smaller ones until it has seen a spread of sizes.
     """
 
-    __slots__ = ("_sw", "_sx", "_sxx", "_sxy", "_sy", "decay", "model", "unit")
+    __slots__ = ("_model", "_samples", "_sw", "_sx", "_sxx", "_sxy", "_sy", "decay", "unit")
 
     def __init__(self, unit: SizeUnit = "rows", decay: float = 0.95) -> None:
         self.unit: SizeUnit = unit
         self.decay = decay
         self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
-        self.model: RunTimeModel | None = None
+        self._samples = 0
+        self._model: RunTimeModel | None = None
 
-    def observe(self, size: float, seconds: float) -> RunTimeModel | None:
-        """Add one batch of ``size`` that took ``seconds``; returns the refitted model."""
+    @property
+    def model(self) -> RunTimeModel | None:
+        """The model fitted to what was observed (refitted when read after an observation)."""
+        model = self._model
+        if self._samples and (model is None or model.samples != self._samples):
+            model = self._model = self._fit(self._samples)
+        return model
+
+    def add(self, size: float, seconds: float) -> None:
+        """Add one batch of ``size`` that took ``seconds`` (the fit waits until it is read:
+        a batcher whose policy never reads it pays a few additions per batch)."""
         if not (size > 0 and math.isfinite(size) and seconds >= 0 and math.isfinite(seconds)):
-            return self.model
+            return
         d = self.decay
         self._sw = self._sw * d + 1.0
         self._sx = self._sx * d + size
         self._sy = self._sy * d + seconds
         self._sxx = self._sxx * d + size * size
         self._sxy = self._sxy * d + size * seconds
-        samples = 1 if self.model is None else self.model.samples + 1
-        self.model = self._fit(samples)
+        self._samples += 1
+
+    def observe(self, size: float, seconds: float) -> RunTimeModel | None:
+        """Add one batch of ``size`` that took ``seconds``; returns the refitted model."""
+        self.add(size, seconds)
         return self.model
 
     def _fit(self, samples: int) -> RunTimeModel:

@@ -35,13 +35,15 @@ class QueueState:
     Attributes:
         now: the event loop's monotonic clock (``loop.time()``), in seconds.
         queued_rows: rows waiting in the queue (a ``map`` request of k items counts k).
-        oldest_enqueued_at: when the oldest queued row was submitted, or ``None`` if none is queued.
+        oldest_enqueued_at: when the front request (the next to leave: the oldest, in arrival
+            order) was submitted, or ``None`` if none is queued.
         free_slots: batches that may start now (``max_concurrent_batches`` minus those in flight).
         closing: the batcher no longer accepts requests and is draining its queue.
         queue_full: the queue holds ``max_queue_size`` rows (or requests wait for room), so the
             batch cannot grow by waiting.
         in_flight: batches running now.
-        earliest_deadline: the earliest deadline (``loop.time()``) of a queued request, if any.
+        earliest_deadline: the deadline (``loop.time()``) of the front request, if it has one:
+            the earliest of the top priority's (``oldest_enqueued_at`` is the front's too).
         queued_cost: the ``batch_cost`` of the queued rows (0.0 without a cost function).
         arrival_rate: rows (or cost, with a cost function) arriving per second, recently.
         model: the fitted run-time model, once a batch has finished (see
@@ -104,7 +106,8 @@ class BatchPolicy(Protocol):
     """Decides, from a :class:`QueueState`, whether to start a batch or to wait.
 
     Implementations must be pure and cheap: the executor calls ``decide`` once per batch and once
-    per wake-up, never per request.
+    per wake-up, never per request. It is not asked while nothing is queued: the executor then
+    waits for an arrival (there is nothing to decide).
     """
 
     @property
@@ -233,8 +236,13 @@ class LatencyTarget:
             else float(self.max_batch_size)
         )
         half = self.latency_target / 2
-        if m is None:
-            return Plan(ceiling, ceiling, None if state.oldest_enqueued_at is None else state.now)
+        due: float | None = None
+        if state.oldest_enqueued_at is not None:
+            due = state.oldest_enqueued_at + half
+            if state.earliest_deadline is not None:
+                due = min(due, state.earliest_deadline)
+        if m is None:  # nothing learned yet: no size to aim at, only the time left
+            return Plan(ceiling, ceiling, due)
         behind = state.recent_latency > self.latency_target or (
             state.oldest_enqueued_at is not None and state.now - state.oldest_enqueued_at >= half
         )
@@ -258,12 +266,7 @@ class LatencyTarget:
             # smaller ones would) and serve the most per second. This also keeps a closed loop
             # of many clients at full batches.
             cap = target = ceiling
-        latest: float | None = None
-        if state.oldest_enqueued_at is not None:
-            due = state.oldest_enqueued_at + half
-            if state.earliest_deadline is not None:
-                due = min(due, state.earliest_deadline)
-            latest = due - state.lead_time - m.predict(target)
+        latest = None if due is None else due - state.lead_time - m.predict(target)
         return Plan(cap, target, latest, behind)
 
     def decide(self, state: QueueState) -> Dispatch | Wait:
@@ -291,8 +294,6 @@ class LatencyTarget:
             return Dispatch(rows, max_cost, "full")
         if state.in_flight == 0:
             return Dispatch(rows, max_cost, "idle")
-        if m is None:
-            return Dispatch(rows, max_cost, "no model yet")
         assert plan.latest is not None
         full_rows = None if by_cost else math.ceil(plan.cap)
         full_cost = plan.cap if by_cost and math.isfinite(plan.cap) else None
@@ -303,6 +304,8 @@ class LatencyTarget:
             if state.now >= plan.latest:
                 return Dispatch(rows, max_cost, "latency target")
             return Wait(deadline=plan.latest, wake_at_rows=full_rows, wake_at_cost=full_cost)
+        if m is None:
+            return Dispatch(rows, max_cost, "no model yet")
         if state.device_free_at is not None:
             # Just in time: form the next batch as late as it can be prepared before the device
             # frees, so it holds every row that arrived meanwhile and the device never idles.

@@ -68,9 +68,7 @@ class WaitingRoom:
     """
 
     __slots__ = (
-        "_arrivals",
         "_counts",
-        "_deadlines",
         "_dq",
         "_fifo_fast",
         "_front_seq",
@@ -110,8 +108,6 @@ class WaitingRoom:
         # The ranked form of the queue, when an entry jumped ahead: (-priority, deadline, seq,
         # entry) tuples. None while the queue is the FIFO deque.
         self._heap: list[tuple[int, float, int, Entry]] | None = None
-        self._arrivals: deque[Entry] = deque()  # heap mode: entries in arrival order
-        self._deadlines: list[tuple[float, int, Request]] = []  # queued deadlines, lazily pruned
         self._seq = 0
         self._front_seq = 0
         self._fifo_fast = True  # a fast entry may be appended to the deque as it is
@@ -153,23 +149,26 @@ class WaitingRoom:
         """Nothing queued or parked."""
         return not self.rows and not self.parked_rows
 
+    def _front(self) -> Entry | None:
+        heap = self._heap
+        if heap is None:
+            return self._dq[0] if self._dq else None
+        return heap[0][3] if heap else None
+
     def oldest_enqueued_at(self) -> float | None:
-        """When the oldest queued entry was submitted (after :meth:`drop_dead_front`)."""
-        q = self._dq if self._heap is None else self._arrivals
-        if not q:
+        """When the front entry (the next to leave) was submitted, after
+        :meth:`drop_dead_front`. In arrival order that is the oldest; in rank order it is the
+        front's, so a low-priority request left waiting does not hurry every batch."""
+        entry = self._front()
+        if entry is None:
             return None
-        entry = q[0]
         return entry.enqueued_at if type(entry) is Request else entry[AT]  # type: ignore[index]
 
     def earliest_deadline(self) -> float | None:
-        """The earliest deadline of a queued request (after :meth:`drop_dead_front`), if any."""
-        d = self._deadlines
-        while d:
-            req = d[0][2]
-            if req.state == QUEUED and not req.future.done():
-                return d[0][0]
-            heapq.heappop(d)
-        return None
+        """The front entry's deadline, if it has one (after :meth:`drop_dead_front`): the
+        earliest of the top priority's (a lower priority's does not lead the next batch)."""
+        entry = self._front()
+        return entry.deadline if type(entry) is Request else None
 
     # -- arrivals -----------------------------------------------------------------------------------
 
@@ -231,24 +230,10 @@ class WaitingRoom:
             if type(entry) is Request:
                 entry.key = key
             heapq.heappush(heap, (*key, entry))
-            arrivals = self._arrivals
-            arrivals.append(entry)
-            if len(arrivals) > 2 * len(heap) + 16:
-                # Entries that left are dropped from the front only; behind an old request that
-                # waits (a low priority) they would pile up, with their inputs: compact.
-                self._arrivals = deque(e for e in arrivals if _live(e))
         self.rows += rows
         if type(entry) is Request:
             self.cost += entry.cost
             self.arrived += entry.cost if self.costed else rows
-            if entry.deadline is not None:
-                self._seq += 1
-                deadlines = self._deadlines
-                heapq.heappush(deadlines, (entry.deadline, self._seq, entry))
-                if len(deadlines) > 2 * (len(self._dq) + len(heap or ())) + 16:
-                    # Pruned at the top only: compact what left meanwhile (see _arrivals).
-                    self._deadlines = [t for t in deadlines if t[2].state == QUEUED]
-                    heapq.heapify(self._deadlines)
         else:
             self.arrived += 1
 
@@ -263,7 +248,6 @@ class WaitingRoom:
                 entry.key = (negp, d, seq)
             heap.append((negp, d, seq, entry))
         self._seq = seq
-        self._arrivals = deque(self._dq)
         self._dq.clear()
         self._heap = heap  # sorted, hence a heap
         self._fifo_fast = False
@@ -274,7 +258,6 @@ class WaitingRoom:
         heap = self._heap
         if heap is not None and not heap:
             self._heap = None
-            self._arrivals.clear()
             self._fifo_fast = True
         elif heap is None and not self._dq:
             self._fifo_fast = True
@@ -540,9 +523,6 @@ class WaitingRoom:
                 if entry[STATE] != GONE:  # type: ignore[index]
                     self.rows -= 1
                     self._drop_fast(entry)  # type: ignore[arg-type]
-        arrivals = self._arrivals
-        while arrivals and not _live(arrivals[0]):
-            arrivals.popleft()
         self._settle_order()
 
     # -- leaving for a batch ---------------------------------------------------------------------------
@@ -897,8 +877,6 @@ class WaitingRoom:
         self._dq.clear()
         self._parked.clear()
         self._heap = None
-        self._arrivals.clear()
-        self._deadlines.clear()
         self._fifo_fast = True
         self.rows = self.parked_rows = 0
         self.cost = 0.0

@@ -134,6 +134,7 @@ async def wait_all_tasks_blocked() -> None:
     ``asyncio.sleep(0)`` only, never with a timed sleep.
     """
     this = asyncio.current_task()
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(0)
         for task in asyncio.all_tasks():
@@ -143,4 +144,17 @@ async def wait_all_tasks_blocked() -> None:
             if waiter is None or waiter.done():
                 break
         else:
-            return
+            if not _callbacks_due(loop):
+                return
+
+
+def _callbacks_due(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop has callbacks to run now: ready ones, or timers a clock advance made
+    due (asyncio's own loops; a loop without these records, uvloop's, says no)."""
+    if getattr(loop, "_ready", None):
+        return True
+    scheduled = getattr(loop, "_scheduled", None)
+    if scheduled:
+        now = loop.time()
+        return any(not h.cancelled() and h.when() <= now for h in scheduled)
+    return False
