@@ -44,6 +44,7 @@ __all__ = [
     "MODEL_ONLY",
     "Contender",
     "batchio_deadline_contender",
+    "batchio_options_contender",
     "by_name",
     "embedder_contender",
     "loops_for",
@@ -483,6 +484,27 @@ def batchio_deadline_contender(timeout: float) -> Contender:
     return Contender(
         "batchio+deadline", f"batchio.Batcher(timeout={timeout:.3g}s)", open_deadline, options,
         _import_batchio,
+    )  # fmt: skip
+
+
+def batchio_options_contender(name: str, **options: Any) -> Contender:
+    """batchio with exactly these ``Batcher`` options, plus ``max_batch_size`` from the spec
+    unless given: nothing else is passed, so every other option keeps its default (the spec's
+    ``max_wait`` included: pass ``max_wait=`` to set it). For ``bench_sched``'s
+    ``latency_target=`` contenders and its grid of static settings."""
+
+    def kwargs(spec: BatchSpec) -> dict[str, Any]:
+        return {"max_batch_size": spec.max_batch_size, **options}
+
+    @contextlib.asynccontextmanager
+    async def open_with(fn: BatchFn, spec: BatchSpec) -> AsyncIterator[Call]:
+        batcher = _batchio_cls()(fn, **kwargs(spec))
+        async with batcher:
+            yield batcher
+
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return Contender(
+        name, f"batchio.Batcher({shown})", open_with, kwargs, _import_batchio
     )  # fmt: skip
 
 

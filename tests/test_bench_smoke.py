@@ -162,3 +162,66 @@ def test_gpu_bench_runs_on_a_cpu_at_tiny_sizes(
     assert row["forward_only_rps"] > 0
     assert row["staged_rps"] > 0
     assert row["plain_rps"] > 0
+
+
+def test_sched_bench_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """bench_sched at tiny sizes on the simulated accelerator: every contender runs at every
+    level, the oracle picks the best static grid cell, the controller's decisions are recorded
+    from statistics(), the idle comparison has its three settings, and the plots are written."""
+    from bench import bench_sched as bs
+
+    out = tmp_path / "sched.json"
+    grid0 = bs.grid_name(0.0, 64)
+    names = [bs.LT, bs.LT_DEADLINE, bs.DEFAULT, grid0]
+    bs.main(
+        ["--tiny", "--quiet", "--workloads", "sim", "--contenders", ",".join(names),
+         "--json", str(out), "--plots", str(tmp_path)]
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    wl = res["workloads"]["sim"]
+    assert wl["capacity"] > 0
+    assert wl["slo_s"] > 0
+    assert wl["grid"] == [bs.DEFAULT, grid0]
+    rows = res["open"]
+    levels = res["sizes"]["levels"]
+    assert {(r["contender"], r["level"]) for r in rows} == {
+        (n, lvl) for n in [*names, bs.ORACLE] for lvl in levels
+    }
+    for r in rows:
+        assert "error" not in r, r
+        med = {k: r[k]["median"] for k in ("throughput", "goodput", "p50_ms", "p99_ms")}
+        assert 0 <= med["goodput"] <= med["throughput"]
+        assert med["p50_ms"] <= med["p99_ms"]
+        parts = ("completed_fraction", "failed_fraction", "unfinished_fraction")
+        assert sum(r[k]["median"] for k in parts) == pytest.approx(1.0)
+        assert r["mean_batch_size"]["median"] >= 1
+    for r in rows:
+        if r["contender"] != bs.ORACLE:
+            assert r["controller"]["batches"] > 0
+            assert r["controller"]["samples"] > 0
+            # dispatches counted in the window vs batches finished in it: the ones in flight
+            # at its two ends (one slot each) may differ
+            reasons = r["controller"]["dispatch_reasons"]
+            assert abs(sum(reasons.values()) - r["controller"]["batches"]) <= 2
+            if r["contender"] in bs.CONTROLLED:
+                assert r["controller"]["policy"] == "LatencyTarget"
+            else:
+                assert r["controller"]["policy"] == "MaxSizeOrWait"
+                assert set(reasons) <= {"full", "max_wait"}
+        if r["contender"] in bs.CONTROLLED:
+            assert r["controller"]["model"] is not None
+            assert 1 <= r["controller"]["cap"] <= 64
+        if r["contender"] == bs.LT:
+            assert r["failed_fraction"]["median"] == 0  # no deadline: nothing fails
+    for level in levels:
+        (oracle,) = [r for r in rows if r["contender"] == bs.ORACLE and r["level"] == level]
+        cells = [r for r in rows if r["contender"] in wl["grid"] and r["level"] == level]
+        best = max(c["goodput"]["median"] for c in cells)
+        assert oracle["chosen"] in wl["grid"]
+        assert oracle["goodput"]["median"] >= 0.98 * best
+    kinds = {r["kind"] for r in res["idle"]}
+    assert kinds == {"latency_target", "max_wait=0", "max_wait=5ms (default)"}
+    for r in res["idle"]:
+        assert r["direct_p50_ms"]["median"] > 0
+    for name in ("sched-p99", "sched-goodput", "sched-controller"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
