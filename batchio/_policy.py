@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 _INF: Final = float("inf")
+_NEAR_CAPACITY: Final = 0.75  # the device's busy share, at full batches, above which to wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +201,10 @@ class LatencyTarget:
        or larger when the arrival rate needs larger batches to keep up, bounded by
        ``max_batch_size`` and ``max_batch_cost``): dispatch it;
     4. no batch in flight (the device is idle): dispatch what is queued at once, since waiting
-       would only add latency; so a lone request costs about a direct call;
+       would only add latency; so a lone request costs about a direct call. Except near
+       capacity (arrivals would keep the device busy 75 % of the time even at ``cap``-sized
+       batches): then wait for ``target`` rows, or until ``latest``, since a small batch there
+       pays a whole batch's overhead and leaves less headroom for the next;
     5. otherwise (a batch is running and a slot is free), for :class:`~batchio.Stages`: while
        another batch is being prepared for the device, wait; else dispatch *just in time*, when
        the device is predicted to free up less the recent preparation time (``lead_time``),
@@ -292,9 +296,23 @@ class LatencyTarget:
             return Dispatch(rows, max_cost, "queue full")
         if queued >= plan.cap:
             return Dispatch(rows, max_cost, "full")
-        if state.in_flight == 0:
-            return Dispatch(rows, max_cost, "idle")
         assert plan.latest is not None
+        if state.in_flight == 0:
+            if m is not None and not plan.behind and queued < plan.target:
+                # Near capacity (full batches would keep the device busy most of the time), a
+                # batch of the few rows that came in meanwhile pays the whole per-batch cost
+                # and leaves less headroom for the next: wait for the keep-up size instead,
+                # within the time the target leaves.
+                busy = state.arrival_rate * m.predict(plan.cap) / plan.cap
+                if busy >= _NEAR_CAPACITY:
+                    if state.now >= plan.latest:
+                        return Dispatch(rows, max_cost, "latency target")
+                    return Wait(
+                        deadline=plan.latest,
+                        wake_at_rows=None if by_cost else math.ceil(plan.target),
+                        wake_at_cost=plan.target if by_cost else None,
+                    )
+            return Dispatch(rows, max_cost, "idle")
         full_rows = None if by_cost else math.ceil(plan.cap)
         full_cost = plan.cap if by_cost and math.isfinite(plan.cap) else None
         if state.pending_batches > 0:

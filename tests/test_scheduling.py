@@ -9,6 +9,7 @@ The policy's own decisions and the waiting room's invariants are property-tested
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from collections import deque
@@ -497,3 +498,28 @@ async def test_the_decorator_takes_priorities_too() -> None:
     finally:
         await double.aclose()
     assert sorted(x for b in seen for x in b) == [1, 2, 3, 4, 5]
+
+
+def test_near_capacity_an_idle_device_waits_for_the_keep_up_size() -> None:
+    from batchio import RunTimeModel
+
+    policy = LatencyTarget(0.05, MAX)
+    model = RunTimeModel(A, B, samples=10)
+    near = QueueState(
+        now=0.0,
+        queued_rows=3,
+        oldest_enqueued_at=0.0,
+        free_slots=1,
+        closing=False,
+        arrival_rate=0.9 * CAPACITY,
+        model=model,
+    )
+    plan = policy.plan(near)
+    decision = policy.decide(near)
+    assert isinstance(decision, Wait)  # 3 rows would pay a whole batch's 5 ms for little
+    assert decision.deadline == plan.latest
+    assert decision.wake_at_rows == math.ceil(plan.target)
+    assert plan.target > 3
+    light = policy.decide(dataclasses.replace(near, arrival_rate=0.3 * CAPACITY))
+    assert isinstance(light, Dispatch)
+    assert light.reason == "idle"
