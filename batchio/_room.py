@@ -19,6 +19,7 @@ first), or at close. Until then its row still counts in the queue.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import sys
 from collections import deque
@@ -43,6 +44,14 @@ def _rank(entry: Entry) -> tuple[int, float]:
         d = entry.deadline
         return (-entry.priority, _INF if d is None else d)
     return _FAST_KEY
+
+
+def _keep_seq(entry: list[Any], seq: int) -> None:
+    """Remember a fast entry's place in the heap (its fifth item), to put it back there."""
+    if len(entry) > 4:
+        entry[4] = seq
+    else:
+        entry.append(seq)
 
 
 def _live(entry: Entry) -> bool:
@@ -71,7 +80,6 @@ class WaitingRoom:
         "_counts",
         "_dq",
         "_fifo_fast",
-        "_front_seq",
         "_heap",
         "_outcomes",
         "_parked",
@@ -109,7 +117,6 @@ class WaitingRoom:
         # entry) tuples. None while the queue is the FIFO deque.
         self._heap: list[tuple[int, float, int, Entry]] | None = None
         self._seq = 0
-        self._front_seq = 0
         self._fifo_fast = True  # a fast entry may be appended to the deque as it is
         self._parked: deque[Entry] = deque()
         self.rows = 0  # rows in the queue (a lazily noticed cancellation counts until dropped)
@@ -229,6 +236,8 @@ class WaitingRoom:
             key = (rank[0], rank[1], self._seq)
             if type(entry) is Request:
                 entry.key = key
+            else:
+                _keep_seq(entry, self._seq)  # type: ignore[arg-type]
             heapq.heappush(heap, (*key, entry))
         self.rows += rows
         if type(entry) is Request:
@@ -246,6 +255,8 @@ class WaitingRoom:
             negp, d = _rank(entry)
             if type(entry) is Request:
                 entry.key = (negp, d, seq)
+            else:
+                _keep_seq(entry, seq)  # type: ignore[arg-type]
             heap.append((negp, d, seq, entry))
         self._seq = seq
         self._dq.clear()
@@ -544,8 +555,8 @@ class WaitingRoom:
 
         With ``predict`` (seconds a batch of a size runs; ``early_timeout``), a request not yet
         dispatched whose deadline falls before ``now`` plus its own predicted run time (alone,
-        or over the batches a large ``map`` needs) is timed out early; and the batch stops
-        before a request that would make it finish after the deadline of one already in it.
+        or over the batches a large ``map`` needs) is timed out early, and the batch is the one
+        that serves the most requests in time (see :meth:`_take_in_time`).
         """
         if self._heap is not None or self.costed or predict is not None:
             if self.costed and self.bucket_window > 1:
@@ -613,15 +624,17 @@ class WaitingRoom:
             return self._dq.popleft() if self._dq else None
         return heapq.heappop(heap)[3] if heap else None
 
-    def _push_fast_front(self, entry: list[Any]) -> None:
-        """Put a popped fast entry back at the front (heap mode: with a fresh key that ranks
-        first among fast entries, ahead of every later arrival)."""
+    def _push_back(self, entries: list[Entry]) -> None:
+        """Put popped, untaken entries (in rank order) back where they were."""
         heap = self._heap
         if heap is None:
-            self._dq.appendleft(entry)
-        else:
-            self._front_seq -= 1  # unique, and ahead of every key handed out
-            heapq.heappush(heap, (0, _INF, self._front_seq, entry))
+            self._dq.extendleft(reversed(entries))
+            return
+        for e in entries:
+            if type(e) is Request:
+                heapq.heappush(heap, (*e.key, e))  # type: ignore[misc]
+            else:
+                heapq.heappush(heap, (0, _INF, e[4], e))  # type: ignore[index]
 
     def _push_front(self, entries: list[Request]) -> None:
         """Put popped, untaken requests back where they were (``entries`` in rank order)."""
@@ -744,36 +757,24 @@ class WaitingRoom:
         max_cost: float | None,
         predict: Callable[[float], float] | None,
     ) -> tuple[Batch, list[float]]:
+        if predict is not None:
+            return self._take_in_time(max_rows, now, max_cost, predict)
         batch = Batch()
         waits: list[float] = []
         room, taken, csum, cmax = max_rows, 0, 0.0, 0.0
-        limit = _INF  # the earliest deadline of a request this batch completes
         while room:
-            entry = self._live_next(now, predict, max_rows)
+            entry = self._live_next(now, None, max_rows)
             if entry is None:
                 break
             if type(entry) is not Request:
-                fast: list[Any] = entry  # type: ignore[assignment]
-                if taken and not self._in_time(predict, now, taken + 1, limit):
-                    self._push_fast_front(fast)  # a row more would make the batch late
-                    break
-                fast[STATE] = GONE
-                batch.add_fast(fast[FUT], fast[ITEM])
-                fast[ITEM] = None  # the batch holds it; the index entries must not
-                waits.append(now - fast[AT])
+                self._add_fast(batch, entry, now, waits)  # type: ignore[arg-type]
                 room -= 1
                 taken += 1
                 continue
-            n, s, m = self._fit(entry, room, taken, csum, cmax, max_cost)
-            completes = n == entry.undispatched
-            own = entry.deadline if completes and entry.deadline is not None else _INF
-            if n == 0 or (
-                taken
-                and not self._in_time(predict, now, self._size(taken + n, s, m), min(limit, own))
-            ):
-                self._push_front([entry])  # over the budget, or too late with it: it leads next
+            n, csum, cmax = self._fit(entry, room, taken, csum, cmax, max_cost)
+            if n == 0:
+                self._push_front([entry])  # over the budget: it leads the next batch
                 break
-            csum, cmax, limit = s, m, min(limit, own)
             self._add(batch, entry, n, now, waits)
             room -= n
             taken += n
@@ -781,6 +782,135 @@ class WaitingRoom:
                 self._push_front([entry])  # the rest of a split map request stays in front
                 break
         self._finish_take(batch, taken, csum, cmax)
+        return batch, waits
+
+    def _add_fast(self, batch: Batch, fast: list[Any], now: float, waits: list[float]) -> None:
+        fast[STATE] = GONE
+        batch.add_fast(fast[FUT], fast[ITEM])
+        fast[ITEM] = None  # the batch holds it; the index entries must not
+        waits.append(now - fast[AT])
+
+    def _fit_after(
+        self,
+        cands: list[tuple[Entry, int, float]],
+        req: Request,
+        room: int,
+        max_cost: float | None,
+    ) -> int:
+        """Rows of ``req`` that fit after the candidates (under ``max_cost``)."""
+        if max_cost is None or not self.costed:
+            return min(room, req.undispatched)
+        taken, csum, cmax = 0, 0.0, 0.0
+        for e, n, _ in cands:
+            if type(e) is Request:
+                _, csum, cmax = self._fit(e, n, taken, csum, cmax, None)
+            taken += n
+        return self._fit(req, room, taken, csum, cmax, max_cost)[0]
+
+    def _best_prefix(
+        self,
+        cands: list[tuple[Entry, int, float]],
+        now: float,
+        predict: Callable[[float], float],
+    ) -> tuple[int, float]:
+        """The prefix of ``cands`` that serves the most requests by their deadlines (the
+        longest on a tie), and when it is predicted to finish."""
+        best, best_count, best_finish = 0, -1, now
+        deadlines: list[float] = []
+        taken, csum, cmax = 0, 0.0, 0.0
+        for i, (e, n, d) in enumerate(cands):
+            if type(e) is Request and self.costed:
+                _, csum, cmax = self._fit(e, n, taken, csum, cmax, None)
+            taken += n
+            finish = now + predict(self._size(taken, csum, cmax))
+            bisect.insort(deadlines, d)
+            count = len(deadlines) - bisect.bisect_left(deadlines, finish)
+            if count >= best_count:
+                best, best_count, best_finish = i + 1, count, finish
+        return best, best_finish
+
+    def _take_in_time(
+        self,
+        max_rows: int,
+        now: float,
+        max_cost: float | None,
+        predict: Callable[[float], float],
+    ) -> tuple[Batch, list[float]]:
+        """``early_timeout``: the batch, of the rows at the front, that serves the most requests
+        within their deadlines.
+
+        Requests late even alone were failed already (:meth:`_live_next`). Of the rest, the
+        candidates are taken in rank order as a plain batch would be; for each prefix of them,
+        the requests whose deadline falls after ``now`` plus the prefix's predicted run time are
+        counted (a request without a deadline always counts), and the prefix with the most
+        (the longest, on a tie: the most rows for the same result) is the batch. Its requests
+        that would finish late are failed early, since a later batch would be later still, and
+        their places are filled from behind, until none is late; the candidates after it go
+        back to the front. So a batch stays large under overload (the hopeless are dropped, not
+        served in small batches), and a short queue of tight deadlines gets a small one.
+        """
+        cands: list[tuple[Entry, int, float]] = []  # (entry, rows, deadline): in rank order
+        room, taken = max_rows, 0
+        while True:
+            # Fill up to max_rows candidates (with the budget), in rank order.
+            while room:
+                entry = self._live_next(now, predict, max_rows)
+                if entry is None:
+                    break
+                if type(entry) is not Request:
+                    cands.append((entry, 1, _INF))
+                    taken += 1
+                    room -= 1
+                    continue
+                n = self._fit_after(cands, entry, room, max_cost)
+                if n == 0:
+                    self._push_front([entry])  # over the budget: it leads the next batch
+                    break
+                completes = n == entry.undispatched
+                d = entry.deadline if completes and entry.deadline is not None else _INF
+                cands.append((entry, n, d))
+                taken += n
+                room -= n
+                if not completes:
+                    break  # the rest of a split map request: nothing after it
+            best, finish = self._best_prefix(cands, now, predict)
+            late = [
+                i
+                for i, (e, _, d) in enumerate(cands[:best])
+                if d < finish and type(e) is Request and e.offset == 0
+            ]
+            if not late:
+                break
+            # In time alone, not in the batch that serves the most: a later batch would be
+            # later still. Fail them, and fill their places from behind (so the batch stays as
+            # large as the queue allows).
+            for i in reversed(late):
+                entry, n, _ = cands.pop(i)
+                self.early_timeouts += 1
+                self._outcomes.time_out(entry, early=True)  # type: ignore[arg-type]
+                taken -= n
+                room += n
+            if cands and cands[-1][2] == _INF and type(cands[-1][0]) is Request:
+                last = cands[-1][0]
+                if last.undispatched > cands[-1][1]:
+                    break  # a split map closes the batch: nothing refills behind it
+        batch = Batch()
+        waits: list[float] = []
+        rows = 0
+        csum = cmax = 0.0
+        for entry, n, _ in cands[:best]:
+            if type(entry) is not Request:
+                self._add_fast(batch, entry, now, waits)  # type: ignore[arg-type]
+                rows += 1
+                continue
+            if self.costed:
+                _, csum, cmax = self._fit(entry, n, rows, csum, cmax, None)
+            self._add(batch, entry, n, now, waits)
+            rows += n
+            if entry.undispatched:
+                self._push_front([entry])  # the rest of a split map request stays in front
+        self._push_back([c[0] for c in cands[best:]])
+        self._finish_take(batch, rows, csum, cmax)
         return batch, waits
 
     def _take_bucketed(
