@@ -697,19 +697,11 @@ class Batcher(Generic[InT, OutT]):
         """What the policy decides from, now."""
         room = self._room
         rate = self._meter.sample(now, room.arrived)
-        if self._plain_policy:
-            # The static rule reads none of what is learned: spare building it per batch.
-            return QueueState(
-                now=now,
-                queued_rows=room.rows,
-                oldest_enqueued_at=room.oldest_enqueued_at(),
-                free_slots=concurrency - self._in_flight,
-                closing=self._closed,
-                queue_full=room.full,
-                in_flight=self._in_flight,
-                queued_cost=room.cost,
-                arrival_rate=rate,
-            )
+        # The static rule reads none of what is learned: spare gathering it per batch.
+        rich = not self._plain_policy
+        device_free_at = None
+        if rich and self._pipeline is not None:
+            device_free_at = now if self._device_until is None else self._device_until
         return QueueState(
             now=now,
             queued_rows=room.rows,
@@ -718,14 +710,12 @@ class Batcher(Generic[InT, OutT]):
             closing=self._closed,
             queue_full=room.full,
             in_flight=self._in_flight,
-            earliest_deadline=room.earliest_deadline(),
+            earliest_deadline=room.earliest_deadline() if rich else None,
             queued_cost=room.cost,
             arrival_rate=rate,
-            model=self._learner.model,
+            model=self._learner.model if rich else None,
             pending_batches=self._pending,
-            device_free_at=None
-            if self._pipeline is None
-            else (now if self._device_until is None else self._device_until),
+            device_free_at=device_free_at,
             lead_time=self._lead,
             recent_latency=self._recent,
         )
