@@ -100,11 +100,6 @@ class Request:
             self.cost -= sum(costs[start : start + n])
         return inputs, start, n
 
-    def head_cost(self) -> float:
-        """The cost of the next row to take (of the one row, for a plain request)."""
-        costs = self.costs
-        return self.cost if costs is None else costs[self.offset]
-
     def max_cost(self) -> float:
         """The largest cost among the rows not yet taken."""
         costs = self.costs
