@@ -91,6 +91,7 @@ from ._harness import (
 )
 from ._simdevice import sleep_until
 from ._workloads import model_ceiling, model_idle_once, run_configs
+from .report import md_range, md_table
 
 __all__ = ["SIZES", "Sizes", "main", "plot", "render_markdown", "run_sched"]
 
@@ -650,18 +651,8 @@ def print_results(results: dict[str, Any]) -> None:
         print(f"skipped {name}: {why}")
 
 
-def _md_r(s: dict[str, Any], spec: str) -> str:
-    med = format(s["median"], spec)
-    if s["min"] == s["max"]:
-        return med
-    return f"{med} ({format(s['min'], spec)}-{format(s['max'], spec)})"
-
-
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |"]
-    out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|")
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(out)
+    return md_table(headers, rows, left=2)
 
 
 OPEN_HEADERS = ("contender", "load", "offered/s", "throughput/s", "goodput/s", "failed",
@@ -731,10 +722,10 @@ def render_markdown(results: dict[str, Any], *, all_grid: bool = False) -> str:
             name = r["contender"] + (f" ← `{r['chosen']}`" if "chosen" in r else "")
             body.append([
                 name, f"{r['level']:.0%}", f"{r['offered_rate']:,.0f}",
-                _md_r(r["throughput"], ",.0f"), _md_r(r["goodput"], ",.0f"),
+                md_range(r["throughput"], ",.0f"), md_range(r["goodput"], ",.0f"),
                 f"{r['failed_fraction']['median']:.0%}",
                 f"{r['unfinished_fraction']['median']:.0%}",
-                _md_r(r["p50_ms"], ",.1f"), _md_r(r["p99_ms"], ",.1f"),
+                md_range(r["p50_ms"], ",.1f"), md_range(r["p99_ms"], ",.1f"),
                 f"{r['mean_batch_size']['median']:.1f}",
             ])  # fmt: skip
         title = (
@@ -758,8 +749,8 @@ def render_markdown(results: dict[str, Any], *, all_grid: bool = False) -> str:
         title = f"Controller, {wl} (medians of `statistics()` samples during the arrivals):"
         parts.append(title + "\n\n" + _md_table(CONTROLLER_HEADERS, ctl))
     idle = [
-        [r["workload"], f"{r['contender']} ({r['kind']})", _md_r(r["direct_p50_ms"], ".2f"),
-         _md_r(r["added_p50_ms"], ".2f"), _md_r(r["added_p99_ms"], ".2f")]
+        [r["workload"], f"{r['contender']} ({r['kind']})", md_range(r["direct_p50_ms"], ".2f"),
+         md_range(r["added_p50_ms"], ".2f"), md_range(r["added_p99_ms"], ".2f")]
         for r in results["idle"] if "added_p50_ms" in r
     ]  # fmt: skip
     parts.append(

@@ -14,19 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PIPELINE_HEADERS", "main", "pipeline_rows", "render"]
+__all__ = ["PIPELINE_HEADERS", "main", "md_range", "md_table", "pipeline_rows", "render"]
 
 
-def _r(s: dict[str, Any], spec: str) -> str:
+def md_range(s: dict[str, Any], spec: str) -> str:
+    """A summary's median, with its min-max range when the runs differ."""
     med = format(s["median"], spec)
     if s["min"] == s["max"]:
         return med
     return f"{med} ({format(s['min'], spec)}-{format(s['max'], spec)})"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 3) -> str:
+    """A Markdown table: the first ``left`` columns left-aligned, the rest right-aligned."""
     out = ["| " + " | ".join(headers) + " |"]
-    out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|")
+    out.append("|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|")
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)
 
@@ -53,11 +55,11 @@ def overhead_md(rows: list[dict[str, Any]]) -> str:
             body.append([r["contender"], r["loop"], r["fn"], "error", r.get("error", ""), "", ""])
             continue
         body.append([
-            r["contender"], r["loop"], r["fn"], _r(r["items_per_s"], ",.0f"),
+            r["contender"], r["loop"], r["fn"], md_range(r["items_per_s"], ",.0f"),
             f"{r['us_per_request']:.2f}", f"{r['ratio_to_floor']:.2f}",
             f"{r['mean_batch_size']['median']:.1f}",
         ])  # fmt: skip
-    return _table(
+    return md_table(
         [
             "contender",
             "loop",
@@ -74,10 +76,10 @@ def overhead_md(rows: list[dict[str, Any]]) -> str:
 def baselines_md(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
-        p50 = _r(r["p50_ms"], ".1f") if "p50_ms" in r else ""
-        p99 = _r(r["p99_ms"], ".1f") if "p99_ms" in r else ""
-        body.append([r["key"], _r(r["sentences_per_s"], ".1f"), p50, p99])
-    return _table(["baseline", "sentences/s", "p50 ms", "p99 ms"], body)
+        p50 = md_range(r["p50_ms"], ".1f") if "p50_ms" in r else ""
+        p99 = md_range(r["p99_ms"], ".1f") if "p99_ms" in r else ""
+        body.append([r["key"], md_range(r["sentences_per_s"], ".1f"), p50, p99])
+    return md_table(["baseline", "sentences/s", "p50 ms", "p99 ms"], body)
 
 
 FORWARD_COLUMNS = {
@@ -99,13 +101,13 @@ def closed_md(rows: list[dict[str, Any]], arrival_ceiling: float | None = None) 
         if arrival is None and arrival_ceiling:
             arrival = r["sentences_per_s"]["median"] / arrival_ceiling
         body.append([
-            *head, _r(r["sentences_per_s"], ".1f"), f"{r['ratio_to_ceiling']:.2f}",
+            *head, md_range(r["sentences_per_s"], ".1f"), f"{r['ratio_to_ceiling']:.2f}",
             f"{arrival:.2f}" if arrival is not None else "",
             *[f"{r[k]:.2f}" if k in r else "" for k in fwd_keys],
-            f"{r['mean_batch_size']['median']:.1f}", _r(r["p50_ms"], ".0f"),
-            _r(r["p99_ms"], ".0f"),
+            f"{r['mean_batch_size']['median']:.1f}", md_range(r["p50_ms"], ".0f"),
+            md_range(r["p99_ms"], ".0f"),
         ])  # fmt: skip
-    return _table(
+    return md_table(
         [
             "contender",
             "loop",
@@ -159,7 +161,7 @@ def pipeline_md(res: dict[str, Any]) -> str:
         f"{res['args']['clients']} clients, {res['args']['requests']:,} requests, "
         f"max_batch_size {res['spec']['max_batch_size']}, max_wait {res['spec']['max_wait']} s."
     )
-    return head + "\n\n" + _table(PIPELINE_HEADERS, pipeline_rows(res["rows"], _r))
+    return head + "\n\n" + md_table(PIPELINE_HEADERS, pipeline_rows(res["rows"], md_range))
 
 
 def open_md(rows: list[dict[str, Any]]) -> str:
@@ -170,11 +172,11 @@ def open_md(rows: list[dict[str, Any]]) -> str:
             body.append([*head, "error: " + r.get("error", ""), "", "", "", "", ""])
             continue
         body.append([
-            *head, f"{r['completed_fraction']['median']:.0%}", _r(r["throughput"], ".1f"),
-            _r(r["goodput"], ".1f"), _r(r["p50_ms"], ",.0f"),
-            _r(r["p99_ms"], ",.0f"), f"{r['mean_batch_size']['median']:.1f}",
+            *head, f"{r['completed_fraction']['median']:.0%}", md_range(r["throughput"], ".1f"),
+            md_range(r["goodput"], ".1f"), md_range(r["p50_ms"], ",.0f"),
+            md_range(r["p99_ms"], ",.0f"), f"{r['mean_batch_size']['median']:.1f}",
         ])  # fmt: skip
-    return _table(
+    return md_table(
         [
             "contender",
             "load",
@@ -198,10 +200,10 @@ def idle_md(rows: list[dict[str, Any]]) -> str:
             body.append([*head, "error: " + r.get("error", ""), "", "", ""])
             continue
         body.append([
-            *head, _r(r["direct_p50_ms"], ".2f"), _r(r["batched_p50_ms"], ".2f"),
-            _r(r["added_p50_ms"], ".2f"), _r(r["added_p99_ms"], ".2f"),
+            *head, md_range(r["direct_p50_ms"], ".2f"), md_range(r["batched_p50_ms"], ".2f"),
+            md_range(r["added_p50_ms"], ".2f"), md_range(r["added_p99_ms"], ".2f"),
         ])  # fmt: skip
-    return _table(
+    return md_table(
         [
             "contender",
             "loop",
