@@ -29,6 +29,9 @@ from ._exceptions import DeviceClosedError as DeviceClosedError
 from ._exceptions import QueueFullError as QueueFullError
 from ._exceptions import RequestShedError as RequestShedError
 from ._exceptions import RequestTimeoutError as RequestTimeoutError
+from ._observe import BatchObserver as BatchObserver
+from ._observe import BatchRecord as BatchRecord
+from ._observe import live_batchers as live_batchers
 from ._options import DEFAULT as DEFAULT
 from ._options import BatcherOptions as BatcherOptions
 from ._options import BatcherOptionsKw as BatcherOptionsKw
@@ -44,7 +47,9 @@ from ._policy import Plan as Plan
 from ._policy import QueueState as QueueState
 from ._policy import Wait as Wait
 from ._stages import Stages as Stages
+from ._stats import TIME_BUCKETS as TIME_BUCKETS
 from ._stats import BatcherStatistics as BatcherStatistics
+from ._stats import Histogram as Histogram
 from ._stats import Percentiles as Percentiles
 from ._stats import SchedulerStatistics as SchedulerStatistics
 from ._stats import StageStatistics as StageStatistics
@@ -56,10 +61,13 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree w
 
 __all__ = (
     "DEFAULT",
+    "TIME_BUCKETS",
     "AsyncBatchFn",
     "BatchFunctionError",
+    "BatchObserver",
     "BatchOutputError",
     "BatchPolicy",
+    "BatchRecord",
     "BatchSizeMismatchError",
     "BatchStalledError",
     "BatchedFunction",
@@ -76,6 +84,7 @@ __all__ = (
     "DeviceClosedError",
     "DeviceExecutor",
     "Dispatch",
+    "Histogram",
     "LatencyTarget",
     "MaxSizeOrWait",
     "Percentiles",
@@ -97,6 +106,7 @@ __all__ = (
     "WhenFull",
     "__version__",
     "batch",
+    "live_batchers",
 )
 
 # Reprs and tracebacks say batchio.Batcher, not batchio._batcher.Batcher.

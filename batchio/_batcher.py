@@ -27,6 +27,8 @@ from ._exceptions import (
     BatchFunctionError,
     BatchStalledError,
 )
+from ._observe import BatchObserver, capture_all, report
+from ._observe import register as register_live
 from ._options import (
     DEFAULT,
     BatcherOptions,
@@ -117,6 +119,7 @@ class Batcher(Generic[InT, OutT]):
         "_loop",
         "_meter",
         "_name",
+        "_observers",
         "_open_loop",
         "_options",
         "_outcomes",
@@ -182,6 +185,7 @@ class Batcher(Generic[InT, OutT]):
         self._device_jobs = 0  # this batcher's device jobs started and not yet seen to end
         self._lead = 0.0  # recent seconds from dispatch to the device job's start
         self._recent = 0.0  # recent latency of each batch's slowest request
+        self._observers: tuple[BatchObserver, ...] = ()
         self._apply(opts)
         self._running: dict[asyncio.Task[None], Batch] = {}
         self._abandoned_tasks: set[asyncio.Task[Any]] = set()
@@ -239,6 +243,27 @@ class Batcher(Generic[InT, OutT]):
             self._executor(), name=f"batchio-executor-{self._name}"
         )
         task.add_done_callback(self._executor_done)
+        register_live(self)
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        """Tell ``observer`` about every batch from now on (see :class:`~batchio.BatchObserver`).
+
+        What tracing and metrics integrations use (``batchio.integrations.otel``). Requests
+        submitted from now on carry what ``observer.capture()`` returns; with an observer,
+        every request takes the bookkeeping path (a little slower than the plain one). Adding
+        the same observer twice is a no-op. Call it on the batcher's loop thread, or before
+        the batcher starts.
+        """
+        if not isinstance(observer, BatchObserver):
+            raise TypeError(f"{observer!r} has no capture() and batch_done() methods")
+        if observer not in self._observers:
+            self._observers = (*self._observers, observer)
+            self._apply(self._options)
+
+    def remove_observer(self, observer: BatchObserver) -> None:
+        """Stop telling ``observer`` about batches (a no-op if it was not added)."""
+        self._observers = tuple(o for o in self._observers if o is not observer)
+        self._apply(self._options)
 
     @property
     def options(self) -> BatcherOptions:
@@ -316,7 +341,7 @@ class Batcher(Generic[InT, OutT]):
     def _apply(self, opts: BatcherOptions) -> None:
         """Hand the options the call path and the waiting room read to them."""
         # A call is a fast entry (no Request object) when it needs no bookkeeping.
-        self._fast = opts.timeout is None and opts.batch_cost is None
+        self._fast = opts.timeout is None and opts.batch_cost is None and not self._observers
         self._plain_policy = type(self._policy) is MaxSizeOrWait
         room = self._room
         room.costed = opts.batch_cost is not None
@@ -538,13 +563,16 @@ class Batcher(Generic[InT, OutT]):
         cost = 0.0 if cost_fn is None else check_cost(cost_fn(item))
         now = self._clock()
         fut = loop.create_future()
-        if t is None and not p and cost_fn is None:
+        observers = self._observers
+        if t is None and not p and cost_fn is None and not observers:
             entry = [fut, item, now, QUEUED]
             self._room.put_fast(entry)
             return entry
         req = Request(fut, item, None, now)
         req.priority = p
         req.cost = cost
+        if observers:
+            req.context = capture_all(observers)
         if t is not None:
             req.deadline = now + t  # ranked by it when queued; the timer is armed once admitted
         self._room.put(req)
@@ -591,6 +619,8 @@ class Batcher(Generic[InT, OutT]):
             self._outcomes.accept_empty(req)
             return req
         req.priority = p
+        if self._observers:
+            req.context = capture_all(self._observers)
         if costs is not None:
             req.costs = costs
             req.cost = sum(costs)
@@ -736,7 +766,7 @@ class Batcher(Generic[InT, OutT]):
                     return model.predict(padded(math.ceil(size)))
 
         batch, waits = self._room.take(rows, now, decision.max_cost, predict)
-        self._tally.queue_waits.extend(waits)
+        self._tally.waited(waits)
         if not batch.inputs:
             return False
         sched = self._sched
@@ -806,6 +836,7 @@ class Batcher(Generic[InT, OutT]):
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         delivered = False
         outcomes: Any = None
+        error: BaseException | None = None  # the batch-level one, for observers
         try:
             try:
                 if self._pipeline is not None:
@@ -833,8 +864,10 @@ class Batcher(Generic[InT, OutT]):
                         if job.finished:  # returned or raised: it took the thread that long
                             batch.service = job.elapsed
             except Exception as exc:
+                error = exc
                 self._outcomes.fail_batch(batch, exc)
             except BaseException as exc:
+                error = exc
                 task = asyncio.current_task()
                 if isinstance(exc, _PROPAGATE) or (
                     isinstance(exc, asyncio.CancelledError) and task and task.cancelling()
@@ -845,6 +878,7 @@ class Batcher(Generic[InT, OutT]):
                     "Exception; the batch failed, the batcher carries on"
                 )
                 err.__cause__ = exc
+                error = err
                 self._outcomes.fail_batch(batch, err)
             else:
                 if outcomes is not STALLED:  # a stalled batch was failed already
@@ -874,6 +908,14 @@ class Batcher(Generic[InT, OutT]):
                 # be left waiting on a batch that will never report.
                 broken = BatcherBrokenError(f"{self!r}: batch did not complete")
                 self._outcomes.fail_batch(batch, broken)
+                error = broken
+            if self._observers:
+                if outcomes is STALLED:
+                    error = BatchStalledError(cast(float, limit))
+                failed = n
+                if error is None and isinstance(outcomes, list):
+                    failed = sum(isinstance(o, BaseException) for o in outcomes)
+                report(self._observers, self._name, batch, n, seconds, error, failed)
 
     def _size_of(self, batch: Batch) -> float:
         """A batch's size as the run-time model counts it: its cost, or the rows fn saw."""

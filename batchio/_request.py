@@ -36,6 +36,7 @@ class Request:
 
     __slots__ = (
         "bypassed",
+        "context",
         "cost",
         "costs",
         "counted",
@@ -81,6 +82,7 @@ class Request:
         self.cost = 0.0  # the cost of its one row, or of the rows not yet taken (a map)
         self.costs: list[float] | None = None  # a map's cost per row, with a cost function
         self.bypassed = 0  # batches that took requests ranked after it while it waited
+        self.context: Any = None  # what observers captured when it was submitted
 
     def set_deadline(self, loop: asyncio.AbstractEventLoop, timeout: float, expire: Any) -> None:
         """Arm the timer that calls ``expire(self)`` ``timeout`` seconds after submission."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -10,11 +12,98 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from ._estimates import RunTimeModel
 
-__all__ = ["BatcherStatistics", "Percentiles", "SchedulerStatistics", "StageStatistics"]
+__all__ = [
+    "TIME_BUCKETS",
+    "BatcherStatistics",
+    "Histogram",
+    "Percentiles",
+    "SchedulerStatistics",
+    "StageStatistics",
+]
 
 # Percentiles are computed over the most recent samples only, so a long-running server reports
 # current behaviour and memory stays bounded.
 SAMPLE_WINDOW: Final = 8192
+
+#: Upper bounds (seconds) of the cumulative queue-wait and batch-run histograms: from half a
+#: millisecond (a batch on an idle accelerator) to a minute (a stalled one).
+TIME_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Counts of every observation of a duration since the batcher started, in buckets.
+
+    Unlike :class:`Percentiles` (the recent window), it never forgets: it is what a
+    Prometheus or OpenTelemetry histogram exports. ``counts[i]`` counts observations in
+    ``(bounds[i - 1], bounds[i]]``; the last entry, ``counts[len(bounds)]``, those above
+    ``bounds[-1]``.
+
+    Attributes:
+        bounds: the buckets' finite upper bounds, ascending (:data:`~batchio.TIME_BUCKETS`).
+        counts: observations per bucket (not cumulative), ``len(bounds) + 1`` of them.
+        sum: the sum of every observation.
+        count: how many observations there were.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+    def cumulative(self) -> tuple[tuple[float, int], ...]:
+        """``(upper bound, observations at or below it)`` pairs, ending with ``(inf, count)``."""
+        pairs = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            pairs.append((bound, total))
+        return tuple(pairs)
+
+
+class HistogramCounts:
+    """The mutable side of a :class:`Histogram` (internal; written on the loop's thread)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = TIME_BUCKETS) -> None:
+        self.bounds = bounds
+        # One list (counts, then the sum last) so a reader copies all of it in one atomic step.
+        self.counts: list[float] = [0] * (len(bounds) + 2)
+
+    def observe(self, value: float) -> None:
+        counts = self.counts
+        counts[bisect_left(self.bounds, value)] += 1
+        counts[-1] += value
+
+    def observe_all(self, values: list[float]) -> None:
+        counts = self.counts
+        bounds = self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        counts[-1] += sum(values)
+
+    def snapshot(self) -> Histogram:
+        c = self.counts.copy()
+        buckets = tuple(int(n) for n in c[:-1])
+        return Histogram(self.bounds, buckets, float(c[-1]), sum(buckets))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +230,10 @@ class BatcherStatistics:
         batches: batches run (successful or not).
         rows: rows run through the batch function, over all batches.
         batch_size_histogram: batch size (rows) to number of batches of that size.
-        queue_wait: how long requests waited in the queue before their first row was dispatched.
-        batch_run: how long each batch took, from dispatch to results delivered.
+        queue_wait: how long requests waited in the queue before their first row was dispatched
+            (the most recent samples).
+        batch_run: how long each batch took, from dispatch to results delivered (the most
+            recent samples).
         queue_depth: rows queued now.
         in_flight_batches: batches running now.
         stalled_batches: batches that ran past ``batch_time_limit`` (their requests failed with
@@ -158,6 +249,9 @@ class BatcherStatistics:
             1.0 means the device is the bottleneck, as it should be.
         scheduler: the batching policy's state and decisions (see
             :class:`SchedulerStatistics`).
+        queue_wait_histogram: every request's queue wait since the start (the same
+            observations as ``queue_wait``, never forgotten), in :data:`~batchio.TIME_BUCKETS`.
+        batch_run_histogram: every batch's run time since the start, likewise.
     """
 
     submitted: int
@@ -181,6 +275,10 @@ class BatcherStatistics:
     stages: tuple[StageStatistics, ...] = ()
     device_busy_fraction: float | None = None
     scheduler: SchedulerStatistics | None = None
+    queue_wait_histogram: Histogram = Histogram(
+        TIME_BUCKETS, (0,) * (len(TIME_BUCKETS) + 1), 0.0, 0
+    )
+    batch_run_histogram: Histogram = Histogram(TIME_BUCKETS, (0,) * (len(TIME_BUCKETS) + 1), 0.0, 0)
 
     @property
     def mean_batch_size(self) -> float:
@@ -209,13 +307,27 @@ class Tally:
     Only the event loop's thread writes them; :meth:`snapshot` may run on any thread.
     """
 
-    __slots__ = ("batch_runs", "counts", "histogram", "queue_waits")
+    __slots__ = (
+        "batch_run_buckets",
+        "batch_runs",
+        "counts",
+        "histogram",
+        "queue_wait_buckets",
+        "queue_waits",
+    )
 
     def __init__(self) -> None:
         self.counts = [0] * _COUNTERS
         self.histogram: Counter[int] = Counter()
         self.queue_waits: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.batch_runs: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+        self.queue_wait_buckets = HistogramCounts()
+        self.batch_run_buckets = HistogramCounts()
+
+    def waited(self, waits: list[float]) -> None:
+        """Count the queue waits of requests just dispatched."""
+        self.queue_waits.extend(waits)
+        self.queue_wait_buckets.observe_all(waits)
 
     def batch_ran(self, rows: int, seconds: float) -> None:
         """Count one batch of ``rows`` rows that took ``seconds`` from dispatch to delivery."""
@@ -224,6 +336,7 @@ class Tally:
         counts[ROWS] += rows
         self.histogram[rows] += 1
         self.batch_runs.append(seconds)
+        self.batch_run_buckets.observe(seconds)
 
     def snapshot(
         self,
@@ -265,4 +378,6 @@ class Tally:
             stages=stages,
             device_busy_fraction=device_busy_fraction,
             scheduler=scheduler,
+            queue_wait_histogram=self.queue_wait_buckets.snapshot(),
+            batch_run_histogram=self.batch_run_buckets.snapshot(),
         )
