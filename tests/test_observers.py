@@ -206,7 +206,7 @@ async def test_requests_queued_before_the_observer_have_no_context() -> None:
         late = asyncio.ensure_future(call_as(b, "late", 2))
         await fn.wait_entered()
         fn.open()
-        assert await asyncio.gather(early, late) == [1, 2]
+        assert list(await asyncio.gather(early, late)) == [1, 2]
     (record,) = rec.records
     assert record.contexts == (None, "late")
 
