@@ -273,14 +273,15 @@ class _Families:
         if stats.device_busy_fraction is not None:
             self.device_busy.add_metric(b, stats.device_busy_fraction)
         sched = stats.scheduler
-        if sched is not None:
-            for reason, n in sorted(sched.dispatch_reasons.items()):
-                self.dispatches.add_metric([label, reason], n)
-            self.arrival.add_metric(b, sched.arrival_rate)
-            self.early.add_metric(b, sched.early_timeouts)
-            self.shed.add_metric(b, sched.shed)
-            if sched.latency_target is not None:
-                self.target.add_metric(b, sched.latency_target)
+        if sched is None:  # pragma: no cover - statistics() always sets it (optional by type)
+            return
+        for reason, n in sorted(sched.dispatch_reasons.items()):
+            self.dispatches.add_metric([label, reason], n)
+        self.arrival.add_metric(b, sched.arrival_rate)
+        self.early.add_metric(b, sched.early_timeouts)
+        self.shed.add_metric(b, sched.shed)
+        if sched.latency_target is not None:
+            self.target.add_metric(b, sched.latency_target)
 
     @staticmethod
     def _histogram(family: HistogramMetricFamily, b: list[str], hist: Histogram) -> None:
