@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -202,6 +204,12 @@ def test_roles_become_autorefs(tmp_path: Path) -> None:
     assert text == "Documented; see [`other()`][pkg.Klass] and [`Title`][pkg.Klass.method]."
     assert problems == []
 
+    # From a module that never imports it, a name is the one public object so named.
+    sub = package["sub"]
+    text, problems = roles.convert_roles(":meth:`Klass.method`, :meth:`Klass.nope`", sub, index)
+    assert text == "[`Klass.method()`][pkg.Klass.method], `Klass.nope()`"
+    assert problems == ["pkg.sub: :meth:`Klass.nope` names no object"]
+
 
 def test_external_and_private_targets_become_code_and_typos_are_reported(tmp_path: Path) -> None:
     """``threading.Event`` and private helpers are not linked; a name of nothing is a problem."""
@@ -221,6 +229,14 @@ def test_external_and_private_targets_become_code_and_typos_are_reported(tmp_pat
     ]
     # Docstrings that are not rendered are converted, never reported.
     assert roles.convert_roles(":meth:`metod`", klass, index, check=False)[1] == []
+
+
+def test_rst_literal_markers_are_dropped() -> None:
+    """RST's ``text::`` before a literal block reads as ``text:`` in Markdown; a bare ``::`` goes."""
+    package_free = "Use it::\n\n    code\n\n::\n\n    more\n"
+    text, _ = roles.convert_roles(package_free, griffe.Module("m"), roles.ApiIndex())
+
+    assert text == "Use it:\n\n    code\n\n\n    more\n"
 
 
 def test_grouped_args_get_one_entry_each() -> None:
@@ -290,3 +306,49 @@ def test_every_public_module_has_a_reference_page_in_the_nav() -> None:
     }
 
     assert modules - documented == set()
+
+
+@pytest.mark.timeout(120)
+def test_a_strict_build_fails_on_an_undocumented_export(tmp_path: Path) -> None:
+    """End to end, as ``make test`` runs it: mkdocs --strict with this extension and hooks fails
+    on the undocumented objects, and a ``:doc:`` role to an existing page resolves."""
+    _write_package(tmp_path, PACKAGE)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("::: pkg\n", encoding="utf-8")
+    (tmp_path / "docs" / "concepts.md").write_text("# Concepts\n", encoding="utf-8")
+    (tmp_path / "mkdocs.yml").write_text(
+        textwrap.dedent(f"""
+            site_name: t
+            strict: true
+            hooks: ["{TOOLS / "hooks.py"}"]
+            plugins:
+              - autorefs
+              - mkdocstrings:
+                  handlers:
+                    python:
+                      paths: ["{tmp_path}"]
+                      options:
+                        docstring_style: google
+                        extensions:
+                          - "{TOOLS / "griffe_roles.py"}:SphinxRoles":
+                              packages: [pkg]
+        """),
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(tmp_path / "mkdocs.yml")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    warnings = sorted(line for line in output.splitlines() if line.startswith("WARNING"))
+    assert warnings == [
+        f"WARNING -  batchio_docs: {path}: public object has no docstring"
+        for path in ("pkg.Klass.other", "pkg.Klass.prop", "pkg.NAMES", "pkg.Undocumented")
+    ] + ["WARNING -  batchio_docs: pkg.sub.exported: public object has no docstring"]
+    assert "Aborted with 5 warnings in strict mode" in output

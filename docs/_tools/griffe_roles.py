@@ -191,6 +191,19 @@ def _scopes(obj: griffe.Object) -> Iterator[griffe.Object]:
         current = current.parent
 
 
+def _exists(obj: griffe.Object | griffe.Alias, rest: str) -> bool:
+    """Whether ``obj`` has the (dotted) member ``rest``; true past anything not loaded."""
+    current: griffe.Object | griffe.Alias = obj
+    for part in rest.split(".") if rest else ():
+        target = _final(current)
+        if target is None:
+            return True  # an import from outside the package (`threading`): not ours to judge
+        if part not in target.members:
+            return False
+        current = target.members[part]
+    return True
+
+
 def resolve(target: str, context: griffe.Object, index: ApiIndex) -> tuple[str | None, bool]:
     """Resolve a role's target as Sphinx would, from the docstring of ``context``.
 
@@ -212,14 +225,19 @@ def resolve(target: str, context: griffe.Object, index: ApiIndex) -> tuple[str |
                 base = member.path
             full = f"{base}.{rest}" if rest else base
             found = index.lookup(full)
-            return found, True
+            return found, found is not None or _exists(member, rest)
     found = index.lookup(target)
     if found is not None:
         return found, True
-    if "." not in target:
-        named = [path for path in index.public if path.rpartition(".")[2] == target]
-        if len(set(named)) == 1:
+    # Last, the one public object of that name (`Collator` from a module that never imports
+    # it), and its member for a dotted name (`Collator.prepare`).
+    named = [path for path in index.public if path.rpartition(".")[2] == head]
+    if len(named) == 1:
+        if not rest:
             return named[0], True
+        found = index.lookup(f"{named[0]}.{rest}")
+        return found, found is not None or _exists(index.public[named[0]], rest)
+    if "." not in target:
         return None, bool(named)
     # A dotted name that is not ours (threading.Event) is external; a dotted batchio name that
     # resolves nowhere is a typo.
