@@ -44,12 +44,13 @@ from ._labels import BatcherLabels
 
 __all__ = ["BATCH_SPAN", "REQUEST_SPAN", "SIZE_BUCKETS", "Instrumentation", "instrument"]
 
-#: The name of the span of one batch.
 BATCH_SPAN: Final = "batchio.batch"
-#: The name of the span, in a request's own trace, of its part in one batch.
+"""The name of the span of one batch (a root span, linked to its requests' spans)."""
 REQUEST_SPAN: Final = "batchio.request"
-#: The bucket bounds advised for the ``batchio.batch_size`` histogram (rows).
-SIZE_BUCKETS: Final = tuple(float(2**i) for i in range(13))  # 1 .. 4096
+"""The name of the span, in a request's own trace, of its time in one batch."""
+SIZE_BUCKETS: Final = tuple(float(2**i) for i in range(13))
+"""The bucket bounds advised for the ``batchio.batch_size`` histogram: 1, 2, 4, ... 4096 rows
+(a View changes them)."""
 
 _SCOPE: Final = "batchio"
 _OUTCOMES: Final = ("completed", "failed", "cancelled", "timed_out", "rejected")
@@ -440,7 +441,7 @@ _GAUGES: Final[tuple[tuple[str, str, str, _Reader], ...]] = (
     ("batchio.closed", "", "1 once the batcher no longer accepts requests.", _one("closed")),
     ("batchio.stage.queue_depth", "jobs", "Jobs waiting for the stage.", _stage("queue_depth")),
     ("batchio.stage.workers", "{thread}", "Threads serving the stage.", _stage("workers")),
-    ("batchio.device.busy", "1", "Share of time the device thread works.", _device_busy),
+    ("batchio.device.busy_ratio", "1", "Share of time the device thread works.", _device_busy),
     (
         "batchio.scheduler.arrival_rate",
         "{row}/s",

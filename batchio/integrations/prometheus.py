@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -44,21 +44,21 @@ from ._labels import BatcherLabels
 
 __all__ = ["OUTCOMES", "BatchioCollector", "batch_size_bounds", "register"]
 
-#: The ``outcome`` label values of ``batchio_requests_total``, as named in the statistics.
-OUTCOMES = ("completed", "failed", "cancelled", "timed_out", "rejected")
+OUTCOMES: Final = ("completed", "failed", "cancelled", "timed_out", "rejected")
+"""The ``outcome`` label values of ``batchio_requests_total``: the statistics' field names."""
 
 
 def batch_size_bounds(max_batch_size: int, largest: int = 0) -> tuple[int, ...]:
     """The buckets of ``batchio_batch_size_rows``: powers of two, and the largest batch size.
 
-    Powers of two from 1 up to ``max_batch_size``, which is a bucket of its own, so that the
-    share of full batches reads off one bucket. A batch larger than ``max_batch_size`` (seen
-    after ``reconfigure`` shrank it) extends the powers of two up to ``largest``.
+    Powers of two from 1 up to ``max_batch_size``, plus ``max_batch_size - 1`` and
+    ``max_batch_size`` themselves, so that the full batches are one bucket's count minus the
+    previous one's. A batch larger than ``max_batch_size`` (seen after ``reconfigure`` shrank
+    it) extends the powers of two up to ``largest``.
     """
-    top = max(max_batch_size, largest, 1)
-    bounds = {max_batch_size} if max_batch_size >= 1 else set()
+    bounds = {max_batch_size - 1, max_batch_size} - {0}
     power = 1
-    while power < top:
+    while power < max(max_batch_size, largest):
         bounds.add(power)
         power *= 2
     if largest > max(bounds, default=0):

@@ -280,7 +280,7 @@ async def test_metrics_read_back_exactly(otel: Otel) -> None:
     assert sum(reasons) == 4
     assert value(after, "batchio.scheduler.shed_requests", batcher=name) == 0
     assert value(after, "batchio.scheduler.arrival_rate", batcher=name) >= 0
-    assert "batchio.device.busy" not in after  # not a staged batcher
+    assert "batchio.device.busy_ratio" not in after  # not a staged batcher
     handle.uninstrument()
     handle.uninstrument()  # idempotent
     assert name not in labels(otel.points(), "batchio.batches")
@@ -303,7 +303,7 @@ async def test_stage_metrics(otel: Otel) -> None:
         assert value(got, "batchio.stage.workers", batcher=name, stage=stage) == workers
         assert value(got, "batchio.stage.queue_depth", batcher=name, stage=stage) == 0
         assert value(got, "batchio.stage.busy", batcher=name, stage=stage) > 0
-    assert 0 < value(got, "batchio.device.busy", batcher=name) <= 1
+    assert 0 < value(got, "batchio.device.busy_ratio", batcher=name) <= 1
     assert value(got, "batchio.scheduler.latency_target", batcher=name) == 1.0
 
 

@@ -126,8 +126,14 @@ async def test_counters_and_batch_size_histogram_are_exact(registry: CollectorRe
         )
     assert value(got, "batchio_batches_total", batcher=name) == 8
     assert value(got, "batchio_rows_total", batcher=name) == 20
-    # sizes {1: 3, 2: 1, 3: 1, 4: 3}; bounds 1, 2, 4 (= max_batch_size), +Inf
-    assert buckets(got, "batchio_batch_size_rows", name) == {1: 3, 2: 4, 4: 8, math.inf: 8}
+    # sizes {1: 3, 2: 1, 3: 1, 4: 3}; bounds 1, 2, 3 and 4 (max_batch_size - 1 and itself), +Inf
+    assert buckets(got, "batchio_batch_size_rows", name) == {
+        1: 3,
+        2: 4,
+        3: 5,
+        4: 8,
+        math.inf: 8,
+    }
     assert value(got, "batchio_batch_size_rows_count", batcher=name) == 8
     assert value(got, "batchio_batch_size_rows_sum", batcher=name) == 20
     # one queue wait per request dispatched, one run time per batch, both ending at +Inf
@@ -347,7 +353,13 @@ async def test_stage_metrics_of_a_staged_batcher(registry: CollectorRegistry) ->
         assert value(got, "batchio_stage_busy_seconds_total", batcher=name, stage=stage) > 0
         assert value(got, "batchio_stage_queue_depth_jobs", batcher=name, stage=stage) == 0
     assert 0 < value(got, "batchio_device_busy_ratio", batcher=name) <= 1
-    assert buckets(got, "batchio_batch_size_rows", name) == {1: 0, 2: 0, 4: 3, math.inf: 3}
+    assert buckets(got, "batchio_batch_size_rows", name) == {
+        1: 0,
+        2: 0,
+        3: 1,  # the batch of 3
+        4: 3,
+        math.inf: 3,
+    }
 
 
 async def test_scheduler_figures(registry: CollectorRegistry) -> None:
@@ -381,12 +393,12 @@ def test_register_once_per_registry(registry: CollectorRegistry) -> None:
     ("max_batch_size", "largest", "expected"),
     [
         (1, 0, (1,)),
-        (4, 0, (1, 2, 4)),
-        (10, 0, (1, 2, 4, 8, 10)),
-        (32, 7, (1, 2, 4, 8, 16, 32)),
-        (8, 16, (1, 2, 4, 8, 16)),  # max_batch_size was reduced after bigger batches ran
-        (8, 20, (1, 2, 4, 8, 16, 32)),
-        (0, 3, (1, 2, 4)),
+        (2, 0, (1, 2)),
+        (4, 0, (1, 2, 3, 4)),
+        (10, 0, (1, 2, 4, 8, 9, 10)),
+        (32, 7, (1, 2, 4, 8, 16, 31, 32)),
+        (8, 16, (1, 2, 4, 7, 8, 16)),  # max_batch_size was reduced after bigger batches ran
+        (8, 20, (1, 2, 4, 7, 8, 16, 32)),
     ],
 )
 def test_batch_size_bounds(max_batch_size: int, largest: int, expected: tuple[int, ...]) -> None:
