@@ -88,7 +88,7 @@ class Instrumentation:
             tracer = trace.get_tracer(_SCOPE, batchio.__version__, tracer_provider)
         record: Callable[[BatchRecord], None] | None = None
         if metrics_on:
-            self._hub = _Meters.of(meter_provider or metrics.get_meter_provider())
+            self._hub = _Meters.of(meter_provider)
             self.label = self._hub.add(batcher)
             record = self._hub.recorder(self.label)
         self._observer = _Observer(tracer, record, request_spans)
@@ -135,9 +135,9 @@ def instrument(
         batcher: the batcher to instrument.
         tracer_provider: where spans go; the global one (``trace.get_tracer_provider()``) if
             ``None``.
-        meter_provider: where metrics go; the global one if ``None``. Use one meter provider
-            for all of a process's batchers: each provider gets one set of ``batchio.*``
-            instruments, shared by the batchers instrumented with it.
+        meter_provider: where metrics go; the global one if ``None`` (set before or after
+            this call). Each provider gets one set of ``batchio.*`` instruments, shared by the
+            batchers instrumented with it; pass the global SDK provider either always or never.
         metrics: export the metrics (observable counters and gauges from statistics snapshots,
             histograms from each batch).
         tracing: create a ``batchio.batch`` span per batch, linked to the requests' spans.
@@ -251,9 +251,19 @@ class _Meters:
     ones, so each instrument must exist once and report every batcher)."""
 
     @classmethod
-    def of(cls, provider: MeterProvider) -> _Meters:
-        """The instruments of ``provider``, created on first use."""
+    def of(cls, provider: MeterProvider | None) -> _Meters:
+        """The instruments of ``provider`` (``None``: the global one), created on first use."""
         with _HUBS_LOCK:
+            if provider is None:
+                # One set for the global provider however often the application sets it: a
+                # meter got before the SDK is set (the API's proxy) forwards to it once set,
+                # and a second set under the same names would have its callbacks dropped.
+                hub = _GLOBAL_HUB.get("global")
+                if hub is None:
+                    hub = _GLOBAL_HUB["global"] = cls(
+                        metrics.get_meter(_SCOPE, batchio.__version__)
+                    )
+                return hub
             hub = _HUBS.get(provider)
             if hub is None:
                 hub = _HUBS[provider] = cls(provider.get_meter(_SCOPE, batchio.__version__))
@@ -354,6 +364,7 @@ class _Meters:
 
 
 _HUBS: weakref.WeakKeyDictionary[MeterProvider, _Meters] = weakref.WeakKeyDictionary()
+_GLOBAL_HUB: dict[str, _Meters] = {}
 _HUBS_LOCK = threading.Lock()
 
 _Reader = Callable[[BatcherStatistics], Iterator[tuple[float, dict[str, str]]]]

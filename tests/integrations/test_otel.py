@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -355,3 +358,62 @@ async def test_tracing_off_captures_nothing(otel: Otel) -> None:
         with otel.instrument(b, tracing=False):
             await otel.call(b, 1)
     assert [s.name for s in otel.spans.get_finished_spans()] == ["request 1"]
+
+
+# The global providers can be set once per process, so this runs in a process of its own.
+GLOBAL_PROVIDERS = """
+import asyncio, json
+import batchio
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from batchio.integrations.otel import instrument
+
+async def main():
+    async with (
+        batchio.Batcher(lambda xs: xs, name="early") as early,
+        batchio.Batcher(lambda xs: xs, name="late") as late,
+    ):
+        instrument(early)  # before the SDK is set: the API's proxy providers
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        trace.set_tracer_provider(tracer_provider)
+        instrument(late)
+        with trace.get_tracer("caller").start_as_current_span("caller"):
+            await early.map([1, 2])
+            await late(1)
+        data = reader.get_metrics_data()
+    rows = {
+        p.attributes["batcher"]: p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "batchio.rows"
+        for p in m.data.data_points
+    }
+    batches = [s for s in spans.get_finished_spans() if s.name == "batchio.batch"]
+    print(json.dumps({"rows": rows, "batch_spans": len(batches)}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_global_providers_before_and_after_the_sdk_is_set() -> None:
+    """Batchers instrumented with the global providers, before and after the application sets
+    the SDK's, are all exported: one set of instruments serves them (a second set under the
+    same names would have its callbacks dropped by the SDK)."""
+    done = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDERS],
+        capture_output=True,
+        text=True,
+        timeout=GATE_TIMEOUT * 2,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"rows": {"early": 2, "late": 1}, "batch_spans": 2}
