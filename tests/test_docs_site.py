@@ -118,6 +118,13 @@ _PACKAGE = {
         def not_exported() -> None:
             pass
     ''',
+    "nodoc.py": '''
+        __all__ = ["f"]
+
+
+        def f() -> None:
+            """Documented, but its module is not."""
+    ''',
     "_hidden/__init__.py": """
         def public_looking() -> None:
             pass
@@ -153,6 +160,7 @@ def test_missing_docstrings_flags_exported_objects_and_their_public_methods(
         "pkg.LIMIT",
         "pkg.NAMES",
         "pkg.Undocumented",
+        "pkg.nodoc",
         "pkg.sub.exported",
     ]
 
@@ -172,6 +180,7 @@ def test_a_fully_documented_package_passes(tmp_path: Path) -> None:
             'NAMES = ("a", "b")  #: a trailing doc-comment',
         )
     )
+    files["nodoc.py"] = '"""Now documented."""\n\n' + files["nodoc.py"]
     files["sub.py"] = files["sub.py"].replace(
         "def exported() -> None:\n    pass", 'def exported() -> None:\n    """N."""'
     )
@@ -267,6 +276,7 @@ def test_the_extension_warns_through_griffes_logger(
         "pkg.Klass.prop: public object has no docstring",
         "pkg.NAMES: public object has no docstring",
         "pkg.documented: listed in allow_undocumented but documented or gone; remove the entry",
+        "pkg.nodoc: public object has no docstring",
         "pkg.sub.exported: public object has no docstring",
     ]
     docstring = package["_impl"]["Klass"].docstring
@@ -350,5 +360,8 @@ def test_a_strict_build_fails_on_an_undocumented_export(tmp_path: Path) -> None:
     assert warnings == [
         f"WARNING -  batchio_docs: {path}: public object has no docstring"
         for path in ("pkg.Klass.other", "pkg.Klass.prop", "pkg.NAMES", "pkg.Undocumented")
-    ] + ["WARNING -  batchio_docs: pkg.sub.exported: public object has no docstring"]
-    assert "Aborted with 5 warnings in strict mode" in output
+    ] + [
+        f"WARNING -  batchio_docs: {path}: public object has no docstring"
+        for path in ("pkg.nodoc", "pkg.sub.exported")
+    ]
+    assert "Aborted with 6 warnings in strict mode" in output

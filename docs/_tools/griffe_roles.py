@@ -59,12 +59,10 @@ class ApiIndex:
     Attributes:
         public: public path (``batchio.Batcher.submit_nowait``) -> the object rendered there.
         canonical: canonical path (``batchio._batcher.Batcher``) -> its public path.
-        modules: the public modules, by path.
     """
 
     public: dict[str, griffe.Object] = field(default_factory=dict)
     canonical: dict[str, str] = field(default_factory=dict)
-    modules: dict[str, griffe.Module] = field(default_factory=dict)
 
     def lookup(self, path: str) -> str | None:
         """Return the public path of ``path`` (public or canonical), or ``None``."""
@@ -123,7 +121,6 @@ def build_index(package: griffe.Module) -> ApiIndex:
     """Collect the documented API of ``package`` (see :class:`ApiIndex`)."""
     index = ApiIndex()
     for module in public_modules(package):
-        index.modules[module.path] = module
         index.public[module.path] = module
         index.canonical.setdefault(module.path, module.path)
         for name in exported_names(module):
@@ -148,16 +145,16 @@ def build_index(package: griffe.Module) -> ApiIndex:
 def missing_docstrings(package: griffe.Module) -> list[str]:
     """Return the public paths of documented-API objects that have no docstring.
 
-    Checked: each name in a public module's exports, and the public methods and properties a
-    class among them declares (attributes may be described in the class's ``Attributes:``).
+    Checked: each public module that exports anything, each name in its exports, and the
+    public methods and properties a class among them declares (attributes may be described in
+    the class's ``Attributes:``).
     """
     missing: list[str] = []
     for path, obj in build_index(package).public.items():
-        if obj.is_module:
-            continue
+        if isinstance(obj, griffe.Module) and not exported_names(obj):
+            continue  # a namespace such as `batchio.integrations`: no page of its own
         # Members: methods and properties need a docstring; attributes may be described in the
         # class's own `Attributes:` section instead.
-        # Special methods (`__call__`) are described by their class's docstring.
         if (
             isinstance(obj.parent, griffe.Class)
             and not obj.is_class
@@ -165,6 +162,7 @@ def missing_docstrings(package: griffe.Module) -> list[str]:
             and not obj.has_labels("property")  # griffe models a property as an attribute
         ):
             continue
+        # Special methods (`__call__`) are described by their class's docstring.
         if path.rpartition(".")[2].startswith("__"):
             continue
         if obj.docstring is None or not obj.docstring.value.strip():
