@@ -293,8 +293,9 @@ class _Meters:
         self._labels.forget(batcher)
 
     def _drop(self, key: int) -> None:
-        with self._lock:
-            self._batchers.pop(key, None)
+        # No lock: this is also the weakref callback, which the garbage collector may run on a
+        # thread that holds self._lock already (in _take). dict.pop is atomic.
+        self._batchers.pop(key, None)
 
     def _take(self, instrument: str) -> Snapshots:
         # Every observable instrument is called once per collection, each asking for the
@@ -303,8 +304,8 @@ class _Meters:
         with self._lock:
             if instrument in self._served or not self._served:
                 self._served.clear()
-                refs = list(self._batchers.values())
-                batchers = [b for b in (ref() for ref in refs) if b is not None]
+                refs = self._batchers.copy()  # one atomic step: _drop may pop meanwhile
+                batchers = [b for b in (ref() for ref in refs.values()) if b is not None]
                 self._snapshots = [(self._labels.label(b), b.statistics()) for b in batchers]
             self._served.add(instrument)
             return self._snapshots
