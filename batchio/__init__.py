@@ -53,6 +53,7 @@ from ._stats import Histogram as Histogram
 from ._stats import Percentiles as Percentiles
 from ._stats import SchedulerStatistics as SchedulerStatistics
 from ._stats import StageStatistics as StageStatistics
+from ._thread import BatcherThread as BatcherThread
 
 try:
     __version__ = _version("batchio")
@@ -79,6 +80,7 @@ __all__ = (
     "BatcherOptions",
     "BatcherOptionsKw",
     "BatcherStatistics",
+    "BatcherThread",
     "BatchioError",
     "DefaultTimeout",
     "DeviceClosedError",

@@ -14,9 +14,21 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Generic, NoReturn, TypeAlias, TypeVar, Unpack, cast, final
+from typing import (
+    Any,
+    Final,
+    Generic,
+    Literal,
+    NoReturn,
+    TypeAlias,
+    TypeVar,
+    Unpack,
+    cast,
+    final,
+    overload,
+)
 
 from ._checks import check_cost, check_priority, check_seconds, check_timeout
 from ._estimates import RateMeter, RunTimeLearner
@@ -27,6 +39,8 @@ from ._exceptions import (
     BatchFunctionError,
     BatchStalledError,
 )
+from ._fromthread import call_from_thread
+from ._imap import stream
 from ._observe import BatchObserver, capture_all, report
 from ._observe import register as register_live
 from ._options import (
@@ -630,6 +644,179 @@ class Batcher(Generic[InT, OutT]):
         if t is not None:
             req.set_deadline(loop, t, self._expire)
         return req
+
+    # -- calls from threads and bulk streams ----------------------------------------------------
+
+    def call_sync(self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0) -> OutT:
+        """Submit one item from a thread other than the batcher's loop and block for its result.
+
+        For code that cannot ``await``: a sync FastAPI endpoint (run in the thread pool), a WSGI
+        app, a worker thread, or a sync program whose batcher runs on a background loop (see
+        :class:`~batchio.BatcherThread`). Same arguments, results and errors as
+        :meth:`__call__`; the request is submitted on the batcher's loop in a copy of the
+        calling thread's context (so tracing sees the caller's span). If the waiting thread is
+        interrupted (``KeyboardInterrupt``), the request is cancelled before that propagates.
+
+        Raises:
+            BatcherLoopError: called on a thread running an event loop: on the batcher's own
+                loop it would deadlock (``await batcher(item)`` there), on another it would
+                block that loop.
+            BatcherClosedError: the batcher is closed or was never started.
+            BatcherBrokenError: the batcher's executor died or its loop was closed.
+            Exception: anything :meth:`__call__` raises.
+        """
+        loop = self._sync_loop("call_sync")
+        return cast(
+            OutT,
+            call_from_thread(
+                loop,
+                lambda: self._enqueue(item, timeout, priority),
+                self._room.cancel,
+                self._gone,
+            ),
+        )
+
+    def map_sync(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> list[OutT]:
+        """The blocking twin of :meth:`map`, for threads (see :meth:`call_sync`)."""
+        rows = list(items)  # here, on the caller's thread: the iterable may not be thread-safe
+        loop = self._sync_loop("map_sync")
+        return cast(
+            "list[OutT]",
+            call_from_thread(
+                loop,
+                lambda: self._enqueue_map(rows, timeout, priority),
+                self._room.cancel,
+                self._gone,
+            ),
+        )
+
+    def _sync_loop(self, method: str) -> asyncio.AbstractEventLoop:
+        running = _running_loop()
+        loop = self._loop
+        if running is not None and running is loop:
+            raise BatcherLoopError(
+                f"{self!r}.{method}() was called on its own event loop's thread, where blocking "
+                "for the result would deadlock: use `await batcher(item)` there"
+            )
+        if running is not None:
+            raise BatcherLoopError(
+                f"{self!r}.{method}() was called on a thread running another event loop, which "
+                "it would block; run it in a worker thread (asyncio.to_thread) instead"
+            )
+        open_loop = self._open_loop
+        if open_loop is None:
+            raise self._gone()
+        return open_loop
+
+    def _gone(self) -> BaseException:
+        """The error for a call from another thread that finds no loop to take it."""
+        if self._broken is not None:
+            exc = BatcherBrokenError(f"{self!r} is broken")
+            exc.__cause__ = self._broken
+            return exc
+        loop = self._loop
+        if loop is not None and loop.is_closed() and not self._closed:
+            return BatcherBrokenError(f"{self!r}: its event loop was closed")
+        return BatcherClosedError(
+            f"{self!r} is not accepting requests"
+            + ("" if loop else "; start it first (async with, or batchio.BatcherThread)")
+        )
+
+    @overload
+    def imap(
+        self,
+        items: Iterable[InT] | AsyncIterable[InT],
+        *,
+        ordered: bool = ...,
+        max_in_flight: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+        timeout: TimeoutArg = ...,
+        priority: int = ...,
+    ) -> AsyncGenerator[OutT, None]: ...
+
+    @overload
+    def imap(
+        self,
+        items: Iterable[InT] | AsyncIterable[InT],
+        *,
+        ordered: bool = ...,
+        max_in_flight: int | None = ...,
+        return_exceptions: Literal[True],
+        timeout: TimeoutArg = ...,
+        priority: int = ...,
+    ) -> AsyncGenerator[OutT | Exception, None]: ...
+
+    @overload
+    def imap(
+        self,
+        items: Iterable[InT] | AsyncIterable[InT],
+        *,
+        ordered: bool = ...,
+        max_in_flight: int | None = ...,
+        return_exceptions: bool,
+        timeout: TimeoutArg = ...,
+        priority: int = ...,
+    ) -> AsyncGenerator[OutT | Exception, None]: ...
+
+    def imap(
+        self,
+        items: Iterable[InT] | AsyncIterable[InT],
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        return_exceptions: bool = False,
+        timeout: TimeoutArg = DEFAULT,
+        priority: int = 0,
+    ) -> AsyncGenerator[Any, None]:
+        """Stream ``items`` through the batcher: an async iterator over their results.
+
+        For bulk jobs and async pipelines (embedding a file of texts, say): each item is its own
+        request, at most ``max_in_flight`` of them submitted and not yet consumed, so any number
+        of items flows through in constant memory, and the batcher sees enough of them at once
+        to fill its batches::
+
+            async for vector in embedder.batcher.imap(lines(path)):
+                out.write(vector)
+
+        Inputs are pulled from ``items`` (an iterable, or an async iterable such as another
+        stage's output) by a feeder task, as slots free up. Leaving the loop early (``break``,
+        an exception, cancellation) cancels what is in flight and withdraws what is queued;
+        ``async with contextlib.aclosing(b.imap(...)) as results:`` makes that happen at once
+        rather than when the iterator is garbage-collected.
+
+        Args:
+            items: the inputs.
+            ordered: yield results in input order (the default; a slow item holds back those
+                after it, within ``max_in_flight``), or as they complete.
+            max_in_flight: how many requests may be submitted and not yet yielded; by default
+                ``max_batch_size`` times (``max_concurrent_batches`` + 1), which keeps every
+                batch slot busy with a full batch queued behind it.
+            return_exceptions: how a failed item is reported. False (the default): its error
+                is raised from the iteration, which stops it (and cancels the rest). True: the
+                exception instance is yielded in the item's place and the stream goes on, as
+                :func:`asyncio.gather` does.
+            timeout: each item's deadline, as in :meth:`__call__`.
+            priority: each item's priority, as in :meth:`__call__`.
+
+        An error raised by ``items`` itself is raised after the results of the items before it.
+        """
+        if max_in_flight is None:
+            max_in_flight = self.max_batch_size * (self._concurrency + 1)
+        elif type(max_in_flight) is not int or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        if timeout is not DEFAULT:
+            check_timeout(timeout)  # here, not once per item
+        check_priority(priority)
+        return stream(
+            items,
+            lambda item: self._enqueue(item, timeout, priority),
+            self._room.cancel,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            return_exceptions=return_exceptions,
+        )
 
     def _refuse(self) -> NoReturn:
         """Raise the reason this batcher cannot take a request from here, now; queue nothing."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, Unpack
 
@@ -68,6 +68,36 @@ class BatcherOwner(Generic[InT, OutT]):
     ) -> list[OutT]:
         """Submit several inputs as one request and return their results, in order."""
         return await self.batcher.map(items, timeout=timeout, priority=priority)
+
+    def call_sync(self, item: InT, *, timeout: TimeoutArg = DEFAULT, priority: int = 0) -> OutT:
+        """Submit one input from a thread other than the batcher's loop and block for its
+        result (see :meth:`batchio.Batcher.call_sync`)."""
+        return self.batcher.call_sync(item, timeout=timeout, priority=priority)
+
+    def map_sync(
+        self, items: Iterable[InT], *, timeout: TimeoutArg = DEFAULT, priority: int = 0
+    ) -> list[OutT]:
+        """The blocking twin of :meth:`map`, for threads (see :meth:`batchio.Batcher.map_sync`)."""
+        return self.batcher.map_sync(items, timeout=timeout, priority=priority)
+
+    def imap(
+        self,
+        items: Iterable[InT] | AsyncIterable[InT],
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        timeout: TimeoutArg = DEFAULT,
+        priority: int = 0,
+    ) -> AsyncGenerator[OutT, None]:
+        """Stream inputs through the model in constant memory: an async iterator over their
+        results (see :meth:`batchio.Batcher.imap`; a failed input raises)."""
+        return self.batcher.imap(
+            items,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            timeout=timeout,
+            priority=priority,
+        )
 
     def reconfigure(self, **changes: Unpack[ReconfigureKw]) -> BatcherOptions:
         """Change the owned batcher's options live (see :meth:`batchio.Batcher.reconfigure`)."""
