@@ -76,6 +76,11 @@ def _env_float(environ: Mapping[str, str], name: str, default: float | None) -> 
     return float(raw)
 
 
+def _env_optional_int(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    return None if raw is None or raw == "" or raw.lower() == "none" else int(raw)
+
+
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name)
     return default if raw is None or raw == "" else int(raw)
@@ -92,6 +97,10 @@ class Settings:
             ``bench/bench_http.py`` (``BATCHIO_BATCHING=0``).
         max_batch_size: rows in one forward pass (``BATCHIO_MAX_BATCH_SIZE``).
         max_wait: seconds the oldest request waits for company (``BATCHIO_MAX_WAIT``).
+        max_batch_tokens: the padded-token budget of one forward pass: each batch is sorted by
+            length and run in micro-batches under it, so short texts are not padded to the
+            longest (``BATCHIO_MAX_BATCH_TOKENS``). ``None``: the device's default (none on
+            the CPU, where 256 serves about twice the requests; see ``docs/serving.md``).
         max_queue_size: requests that may wait for a batch; one more gets 503
             (``BATCHIO_MAX_QUEUE_SIZE``).
         request_timeout: seconds from arrival at the batcher to the result, else 504;
@@ -110,6 +119,7 @@ class Settings:
     batching: bool = True
     max_batch_size: int = 64
     max_wait: float = 0.005
+    max_batch_tokens: int | None = None
     max_queue_size: int = 1024
     request_timeout: float | None = 10.0
     max_body_bytes: int = 64 * 1024
@@ -121,6 +131,8 @@ class Settings:
         for name in ("max_batch_size", "max_queue_size", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
         if self.retry_after_s < 0 or self.torch_threads < 0:
             raise ValueError("retry_after_s and torch_threads must be >= 0")
         if not (math.isfinite(self.max_wait) and self.max_wait >= 0):
@@ -139,6 +151,7 @@ class Settings:
             batching=env.get("BATCHIO_BATCHING", "1").lower() not in ("0", "false", "no", "off"),
             max_batch_size=_env_int(env, "BATCHIO_MAX_BATCH_SIZE", d.max_batch_size),
             max_wait=_env_float(env, "BATCHIO_MAX_WAIT", d.max_wait) or 0.0,
+            max_batch_tokens=_env_optional_int(env, "BATCHIO_MAX_BATCH_TOKENS"),
             max_queue_size=_env_int(env, "BATCHIO_MAX_QUEUE_SIZE", d.max_queue_size),
             request_timeout=_env_float(env, "BATCHIO_REQUEST_TIMEOUT", d.request_timeout),
             max_body_bytes=_env_int(env, "BATCHIO_MAX_BODY_BYTES", d.max_body_bytes),
@@ -195,6 +208,7 @@ def minilm_embedder(settings: Settings) -> Embedder:
         settings.model or model_path(),
         max_batch_size=settings.max_batch_size if settings.batching else 1,
         max_wait=settings.max_wait if settings.batching else 0.0,
+        max_batch_tokens=settings.max_batch_tokens if settings.max_batch_tokens else "auto",
         max_queue_size=settings.max_queue_size,
         when_full="reject",
     )

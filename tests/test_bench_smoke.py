@@ -225,3 +225,38 @@ def test_sched_bench_runs_at_tiny_sizes(tmp_path: Path) -> None:
         assert r["direct_p50_ms"]["median"] > 0
     for name in ("sched-p99", "sched-goodput", "sched-controller"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_http_bench_runs_at_tiny_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_http at tiny sizes, over real sockets: each mode's server starts, answers every
+    request with a 384-wide embedding, reports its batches from /metrics, and stops cleanly on
+    SIGTERM; the last line is each batched mode's ratio to the unbatched one."""
+    import re
+    import signal
+
+    from bench import bench_http
+
+    out = tmp_path / "http.json"
+    bench_http.main(
+        ["--quick", "--quiet", "--clients", "4", "--seconds", "0.5", "--warmup", "0",
+         "--json", str(out)]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"wrote .*http\.json \(\d+ s\)", lines[-1]), lines[-1]
+    pattern = r"÷ unbatched \(requests/s\): batched \d+\.\d\d, batched\+mbt \d+\.\d\d"
+    assert re.fullmatch(pattern, lines[-2]), lines[-2]
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["rows"]] == list(bench_http.MODES)
+    for r in res["rows"]:
+        assert r["requests"] > 0
+        assert r["errors"] == {}
+        assert r["embedding_dim"] == 384
+        assert r["server_exit_codes"] == [-signal.SIGTERM]  # uvicorn re-raises what it caught
+        assert r["clean_shutdowns"] == [True]
+        assert 0 < r["p50_ms"]["median"] <= r["p99_ms"]["median"]
+        assert r["mean_batch_size"]["median"] >= 1
+    (unbatched,) = [r for r in res["rows"] if r["mode"] == "unbatched"]
+    assert unbatched["mean_batch_size"]["median"] == 1
+    table = bench_http.render_markdown(res)
+    assert "| batched+mbt | 4 |" in table

@@ -461,6 +461,7 @@ def test_settings_from_the_environment() -> None:
         "BATCHIO_BATCHING": "0",
         "BATCHIO_MAX_BATCH_SIZE": "8",
         "BATCHIO_MAX_WAIT": "0.01",
+        "BATCHIO_MAX_BATCH_TOKENS": "256",
         "BATCHIO_MAX_QUEUE_SIZE": "16",
         "BATCHIO_REQUEST_TIMEOUT": "none",
         "BATCHIO_MAX_BODY_BYTES": "2048",
@@ -473,6 +474,7 @@ def test_settings_from_the_environment() -> None:
         batching=False,
         max_batch_size=8,
         max_wait=0.01,
+        max_batch_tokens=256,
         max_queue_size=16,
         request_timeout=None,
         max_body_bytes=2048,
@@ -486,6 +488,7 @@ def test_settings_from_the_environment() -> None:
         {"BATCHIO_REQUEST_TIMEOUT": "0"},
         {"BATCHIO_MAX_WAIT": "-1"},
         {"BATCHIO_RETRY_AFTER": "-1"},
+        {"BATCHIO_MAX_BATCH_TOKENS": "0"},
     ):
         with pytest.raises(ValueError, match="must be"):
             Settings.from_env(bad)
