@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -423,6 +425,27 @@ async def test_shutdown_drains_requests_in_flight_before_the_server_stops(
     assert sum(int(e.split()[2]) for e in batches) == len(texts)
     stats = fake.statistics()
     assert (stats.completed, stats.pending, stats.closed) == (len(texts), 0, True)
+
+
+async def test_the_fake_model_example_of_docs_serving_runs(anyio_backend: Any) -> None:
+    """docs/serving.md's create_app over a gated Batcher, run from the page: with the gate open,
+    each request gets its own fake embedding over the socket."""
+    page = Path(__file__).parents[2] / "docs" / "serving.md"
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+        if "def fake_model(" in b
+    ]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
+    app, gate = namespace["app"], namespace["gate"]
+    gate.set()
+    with serving(app, uvicorn_loop(anyio_backend)) as served:
+        async with client(served.url) as c:
+            done = await asyncio.gather(
+                c.post("/embed", json={"text": "one"}), c.post("/embed", json={"text": "three"})
+            )
+    assert [r.json() for r in done] == [{"embedding": [3.0]}, {"embedding": [5.0]}]
 
 
 @pytest.mark.parametrize(
