@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default: one less than the CPU cores, at least 1: the "
         "event loop keeps a core, and torch's threads do not stall waiting for a busy one)",
     )
+    demo.add_argument(
+        "--bulk",
+        metavar="FILE",
+        default=None,
+        help="embed every line of FILE instead (streamed through the batcher in constant "
+        "memory, with a progress bar), and report the throughput",
+    )
+    demo.add_argument(
+        "--output",
+        metavar="OUT.npy",
+        default=None,
+        help="with --bulk: write the embeddings to this .npy file (float32, row i = line i)",
+    )
     demo.add_argument("--uvloop", action="store_true", help="run the event loop on uvloop")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic sentences")
     return parser

@@ -3,6 +3,9 @@
 The same requests run twice: first sequentially, each text alone through the embedder's batch
 function (what a server without batching does), then from ``--concurrency`` async clients through
 a :class:`SentenceEmbedder`, whose Batcher groups them. The table compares the two.
+
+``--bulk FILE`` embeds a file of texts instead (one per line), streamed through the batcher with
+``imap`` in constant memory, optionally into a ``.npy`` file (``--output``), with a progress bar.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from rich.console import Console
@@ -215,6 +219,79 @@ async def _batched(
     return elapsed, latencies, stats
 
 
+_CHUNK_LINES = 1024  # lines read per trip to a worker thread (the file is read off the loop)
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+async def _lines(path: Path) -> AsyncIterator[str]:
+    """The file's lines (newline stripped), read in chunks on a worker thread."""
+    with path.open(encoding="utf-8") as f:
+        while True:
+            chunk = await asyncio.to_thread(f.readlines, _CHUNK_LINES * 64)  # (a size hint, bytes)
+            if not chunk:
+                return
+            for line in chunk:
+                yield line.rstrip("\r\n")
+
+
+async def _bulk(
+    embedder: SentenceEmbedder, path: Path, output: Path | None, progress: Progress
+) -> tuple[int, float, BatcherStatistics]:
+    """Stream every line of ``path`` through the batcher: (texts, seconds, stats).
+
+    With ``output``, row ``i`` of the ``.npy`` file it writes (float32, memory-mapped, so the
+    embeddings never pile up in memory) is line ``i``'s embedding.
+    """
+    total = await asyncio.to_thread(_count_lines, path)
+    task = progress.add_task("bulk", total=total)
+    loop = asyncio.get_running_loop()
+    out: Any = None
+    done = 0
+    async with embedder:
+        start = loop.time()
+        async for vector in embedder.imap(_lines(path)):
+            if output is not None:
+                if out is None:  # the width is known with the first embedding
+                    out = np.lib.format.open_memmap(
+                        output, mode="w+", dtype=np.float32, shape=(total, vector.shape[-1])
+                    )
+                out[done] = vector.float().cpu().numpy()
+            done += 1
+            progress.advance(task)
+        elapsed = loop.time() - start
+        stats = embedder.statistics()
+    if out is not None:
+        out.flush()
+        del out
+    return done, elapsed, stats
+
+
+def _bulk_report(
+    console: Console,
+    label: str,
+    args: argparse.Namespace,
+    done: int,
+    seconds: float,
+    stats: BatcherStatistics,
+) -> int:
+    table = Table(title=f"batchio bulk embedding: {label}, {args.device}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("input", str(args.bulk))
+    table.add_row("texts embedded", f"{done}")
+    table.add_row("throughput", f"{done / seconds if seconds > 0 else 0.0:,.1f} texts/s")
+    table.add_row("batches", f"{stats.batches}")
+    table.add_row("mean batch size", f"{stats.mean_batch_size:.1f}")
+    if args.output is not None:
+        table.add_row("output", f"{args.output} (float32, one row per line)")
+    console.print(table)
+    return 0
+
+
 def _runner(use_uvloop: bool) -> Callable[[Coroutine[Any, Any, Any]], Any] | None:
     if not use_uvloop:
         return asyncio.run
@@ -249,6 +326,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if found is None:
         return 2
     path, label = found
+    bulk = getattr(args, "bulk", None)
+    if bulk is not None and not Path(bulk).is_file():
+        print(f"--bulk {bulk}: no such file", file=sys.stderr)
+        return 2
+    if getattr(args, "output", None) is not None and bulk is None:
+        print("--output goes with --bulk FILE", file=sys.stderr)
+        return 2
     _fill_defaults(args, device)
     # Loading bars and notices would interleave with the demo's own output.
     # torch's intra-op threads synchronise after every operator: when one of them waits for a
@@ -273,6 +357,12 @@ def run_demo(args: argparse.Namespace) -> int:
         # Warm up both paths, so neither pays for first-call allocations (or, on a GPU, for
         # choosing kernels at a new shape) in its timing.
         _warm_up(embedder, texts, args.max_batch_size, device.type == "cuda")
+
+    if bulk is not None:
+        output = Path(args.output) if args.output is not None else None
+        with _progress(console) as progress:
+            done, seconds, stats = run(_bulk(embedder, Path(bulk), output, progress))
+        return _bulk_report(console, label, args, done, seconds, stats)
 
     with _progress(console) as progress:
         sequential_n, sequential_s = _sequential(embedder, texts, args.sequential_budget, progress)

