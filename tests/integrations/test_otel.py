@@ -417,3 +417,13 @@ def test_the_global_providers_before_and_after_the_sdk_is_set() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"rows": {"early": 2, "late": 1}, "batch_spans": 2}
+
+
+async def test_the_global_providers_unset_cost_nothing() -> None:
+    """With no SDK set (the API's no-op proxies), instrumenting works and records nothing."""
+    name = unique("global")
+    async with Batcher(lambda xs: xs, max_batch_size=1, name=name) as b:
+        with instrument(b) as handle:
+            assert handle.label == name
+            assert await b(1) == 1
+        assert await b(2) == 2
