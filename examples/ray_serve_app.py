@@ -49,10 +49,10 @@ from typing import Any, cast
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve import Deployment
 from ray.serve.config import AutoscalingContext
 
 import batchio
-from batchio.integrations.transformers import SentenceEmbedder
 
 __all__ = [
     "QUEUE_DEPTH_METRIC",
@@ -148,6 +148,10 @@ class Embedder:
         settings["max_queue_size"] = 1024
         settings.update(options)
         path = model if model is not None else model_path()
+        # Imported here, not at the top: `serve deploy` builds the app (imports this module) in
+        # a task of its own, which needs the deployment's definition, not torch.
+        from batchio.integrations.transformers import SentenceEmbedder
+
         # Loading reads ~90 MB from disk: in a thread, so the replica's loop stays responsive.
         embedder = await asyncio.to_thread(SentenceEmbedder, path, **settings)
         self._stack = AsyncExitStack()
@@ -247,5 +251,6 @@ class QueueDepthPolicy:
         return math.ceil(backlog / self.target_queue_rows), {}
 
 
-app = Embedder.bind()
+# mypy does not apply class decorators; at run time `Embedder` is a Serve Deployment.
+app = cast(Deployment, Embedder).bind()
 """The application ``serve run examples.ray_serve_app:app`` deploys (two replicas)."""

@@ -22,6 +22,7 @@ Linux; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it use 127.0.0.1, which the
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -29,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Ray reads this when it is first imported, and so does every process it starts (they inherit
 # it): the node's address becomes 127.0.0.1 instead of its routable one, so the GCS, the raylet
@@ -39,6 +40,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import httpx
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from ray.serve.config import AutoscalingContext
 
 pytestmark = [
     # Ray's startup, two replicas loading torch and the model on 2 cores: well past 60 s under
@@ -69,11 +73,13 @@ def free_port() -> int:
 def deploy(port: int, user_config: dict[str, Any]) -> None:
     """Deploy the example from a config, or update it: 2 replicas, ``ONGOING`` each.
 
-    The same path as ``serve deploy`` / ``serve run config.yaml`` (and KubeRay's RayService):
-    an application config with an import path. Deployed that way, a change of ``user_config``
-    alone is applied to the running replicas through ``reconfigure`` (``serve.run`` of a bound
-    app gives every deploy a new code version, so it would replace them instead). Returns once
-    the application is running at the new config.
+    The path ``serve run config.yaml``, ``serve deploy`` and KubeRay's RayService take: an
+    application config with an import path, handed to the controller by
+    ``ServeControllerClient.deploy_apps`` (what the ``serve run`` CLI calls; private in Ray 2.60,
+    which is pinned). Deployed that way, a change of ``user_config`` alone keeps the code version
+    and is applied to the running replicas through ``reconfigure``; ``serve.run`` of a bound app
+    gives every deploy a new code version, which replaces the replicas instead. Returns once the
+    application is running at the new config (``apply_config`` marks it deploying at once).
     """
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
@@ -102,22 +108,28 @@ def serve_url() -> Iterator[str]:
     import ray
     from ray import serve
 
-    ray.init(
-        num_cpus=2,  # one per replica (the example asks for one)
-        include_dashboard=False,
-        object_store_memory=100 * 1024 * 1024,  # results are small: no gigabytes of shm
-        logging_level="WARNING",
-        namespace="batchio-test",
-    )
+    with pytest.MonkeyPatch.context() as env:
+        # Under `--cov` (patch = subprocess) every Python child starts coverage. Ray's processes
+        # inherit the raylet's environment and are killed at shutdown, not exited, so they would
+        # never write their data and only run slower: start them without it.
+        env.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
+        ray.init(
+            num_cpus=2,  # one per replica (the example asks for one)
+            include_dashboard=False,
+            object_store_memory=100 * 1024 * 1024,  # results are small: no gigabytes of shm
+            logging_level=logging.WARNING,
+            namespace="batchio-test",
+        )
     try:
-        assert ray.util.get_node_ip_address() == "127.0.0.1", "Ray must stay on loopback"
+        node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        assert node_ip == "127.0.0.1", "Ray must stay on loopback"
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(port, CONFIG)
         yield f"http://127.0.0.1:{port}"
     finally:
         try:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
 
@@ -170,6 +182,74 @@ def check_embeddings(answers: list[dict[str, Any]], reference: dict[str, torch.T
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
 
 
+def autoscaling_context(
+    depths: dict[str, float] | None, queued: float = 0.0, replicas: int = 2
+) -> AutoscalingContext:
+    """What Serve's controller hands a policy: ``depths`` as each replica's custom metric."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from examples.ray_serve_app import QUEUE_DEPTH_METRIC
+
+    dep = DeploymentID(name="Embedder", app_name="batchio-embed")
+    running = [ReplicaID(f"r{i}", dep) for i in range(replicas)]
+    metrics = None
+    if depths is not None:
+        metrics = {QUEUE_DEPTH_METRIC: {ReplicaID(r, dep): d for r, d in depths.items()}}
+    return AutoscalingContext(
+        deployment_id=dep,
+        deployment_name=dep.name,
+        app_name=dep.app_name,
+        current_num_replicas=replicas,
+        target_num_replicas=replicas,
+        running_replicas=running,
+        total_num_requests=0.0,
+        total_queued_requests=queued,
+        aggregated_metrics=metrics,
+        raw_metrics=None,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=AutoscalingConfig(min_replicas=1, max_replicas=8),
+    )
+
+
+def test_queue_depth_policy_sizes_on_the_backlog() -> None:
+    from examples.ray_serve_app import QueueDepthPolicy
+
+    policy = QueueDepthPolicy(target_queue_rows=64)
+    # 100 + 60 rows queued in the replicas, 32 requests queued in front of them: 192 / 64.
+    assert policy(autoscaling_context({"r0": 100, "r1": 60}, queued=32)) == (3, {})
+    assert policy(autoscaling_context({"r0": 10, "r1": 0})) == (1, {})
+    assert policy(autoscaling_context({"r0": 0, "r1": 0})) == (0, {})  # Serve floors at min
+    assert policy(autoscaling_context(None, replicas=3)) == (3, {})  # no report yet: hold
+    with pytest.raises(ValueError, match="target_queue_rows"):
+        QueueDepthPolicy(target_queue_rows=0)
+
+
+def test_queue_depth_policy_is_a_valid_serve_policy_by_import_path() -> None:
+    """The ``autoscaling_config`` the example's docstring and docs/scaling.md show is valid."""
+    from ray.serve.config import AutoscalingConfig
+
+    config = AutoscalingConfig.model_validate(
+        {
+            "min_replicas": 1,
+            "max_replicas": 8,
+            "target_ongoing_requests": 128,
+            "policy": {
+                "policy_function": "examples.ray_serve_app:QueueDepthPolicy",
+                "policy_kwargs": {"target_queue_rows": 64},
+            },
+        }
+    )
+    # What Serve's controller does with it: load the class, build it with the kwargs, call it.
+    policy = config.policy.get_policy()(**config.policy.policy_kwargs)
+    assert policy(autoscaling_context({"r0": 200, "r1": 200})) == (7, {})
+
+
 def test_two_replicas_each_batch_and_every_answer_is_its_own(
     serve_url: str, reference: dict[str, torch.Tensor]
 ) -> None:
@@ -192,7 +272,8 @@ def test_user_config_reconfigures_the_running_replicas(
 ) -> None:
     before = final_counters(burst(serve_url, TEXTS))
 
-    deploy(int(serve_url.rsplit(":", 1)[1]), {"max_batch_size": 4, "max_wait": 1.0})  # only user_config changes: no restart
+    # Only user_config changes: Serve reconfigures the running replicas instead of replacing them.
+    deploy(int(serve_url.rsplit(":", 1)[1]), {"max_batch_size": 4, "max_wait": 1.0})
     answers = burst(serve_url, TEXTS)
 
     check_embeddings(answers, reference)
