@@ -427,3 +427,24 @@ async def test_the_global_providers_unset_cost_nothing() -> None:
             assert handle.label == name
             assert await b(1) == 1
         assert await b(2) == 2
+
+
+async def test_calls_from_threads_link_the_threads_spans(otel: Otel) -> None:
+    """``call_sync`` from worker threads, each inside a span of its own: the span current on
+    the calling thread is what the batch links to (capture runs in the caller's context)."""
+    name = unique("threads")
+
+    def caller(x: int) -> tuple[int, SpanContext]:
+        with otel.tracer.start_as_current_span(f"thread {x}") as span:
+            return b.call_sync(x), span.get_span_context()
+
+    async with Batcher(
+        lambda xs: [x + 1 for x in xs], max_batch_size=2, max_wait=GATE_TIMEOUT, name=name
+    ) as b:
+        otel.instrument(b)
+        calls = await asyncio.gather(*(asyncio.to_thread(caller, x) for x in (1, 2)))
+    assert [r for r, _ in calls] == [2, 3]
+    (batch,) = otel.finished(BATCH_SPAN)
+    assert {link.context.span_id for link in batch.links} == {c.span_id for _, c in calls}
+    parents = {s.parent.span_id for s in otel.finished(REQUEST_SPAN) if s.parent is not None}
+    assert parents == {c.span_id for _, c in calls}
