@@ -56,6 +56,7 @@ pytestmark = [
     ),
 ]
 
+DEPLOY_TIMEOUT = 180  # seconds for a deploy to be running
 ONGOING = 16  # max_ongoing_requests per replica
 BURST = 2 * ONGOING  # one burst: more than one replica can hold
 CONFIG = {"max_batch_size": 8, "max_wait": 1.0}  # the deployment's user_config
@@ -99,7 +100,13 @@ def deploy(port: int, user_config: dict[str, Any]) -> None:
     }
     http = {"host": "127.0.0.1", "port": port}  # as started: the schema's default is 0.0.0.0
     config = ServeDeploySchema.model_validate({"http_options": http, "applications": [app]})
-    serve_start(http_options=http).deploy_apps(config, _blocking=True)
+    client = serve_start(http_options=http)
+    client.deploy_apps(config)
+    # What deploy_apps(_blocking=True) does, with a bound that fits a loaded 2-core machine (two
+    # replicas importing torch at once) instead of its fixed 60 s; a failed deploy (a bad
+    # user_config) raises at once.
+    client._wait_for_application_running(str(app["name"]), timeout_s=DEPLOY_TIMEOUT)
+    client.wait_for_proxies_serving()
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +248,13 @@ def test_queue_depth_policy_is_a_valid_serve_policy_by_import_path() -> None:
             "target_ongoing_requests": 128,
             "policy": {
                 "policy_function": "examples.ray_serve_app:QueueDepthPolicy",
-                "policy_kwargs": {"target_queue_rows": 64},
+                "policy_kwargs": {"target_queue_rows": 16},
             },
         }
     )
     # What Serve's controller does with it: load the class, build it with the kwargs, call it.
     policy = config.policy.get_policy()(**config.policy.policy_kwargs)
-    assert policy(autoscaling_context({"r0": 200, "r1": 200})) == (7, {})
+    assert policy(autoscaling_context({"r0": 40, "r1": 20})) == (4, {})  # 60 / 16
 
 
 def test_two_replicas_each_batch_and_every_answer_is_its_own(
@@ -292,3 +299,15 @@ def test_stats_route_names_the_replica(serve_url: str) -> None:
     assert stats["healthy"] is True
     assert stats["replica"]["pid"] != os.getpid()
     assert sum(stats["batch_size_histogram"].values()) == stats["batcher"]["batches"]
+
+
+def test_replicas_report_health_and_queue_depth_through_serve(serve_url: str) -> None:
+    """The hooks Serve calls (health checks, autoscaling stats), called through a handle."""
+    from ray import serve
+
+    from examples.ray_serve_app import QUEUE_DEPTH_METRIC
+
+    handle = serve.get_app_handle("batchio-embed")
+    idle = handle.record_autoscaling_stats.remote().result(timeout_s=30)
+    assert idle == {QUEUE_DEPTH_METRIC: 0.0}  # nothing in flight between the tests
+    assert handle.check_health.remote().result(timeout_s=30) is None
