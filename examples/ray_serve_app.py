@@ -230,14 +230,16 @@ class QueueDepthPolicy:
 
     Use it with ``autoscaling_config={"min_replicas": 1, "max_replicas": 8, "policy":
     {"policy_function": "examples.ray_serve_app:QueueDepthPolicy", "policy_kwargs":
-    {"target_queue_rows": 64}}}``.
+    {"target_queue_rows": 16}}}``.
 
     Args:
-        target_queue_rows: the backlog one replica should carry; one ``max_batch_size`` keeps a
-            full batch waiting behind the running one, i.e. full batches back to back.
+        target_queue_rows: the mean backlog one replica should carry. A replica running full
+            batches back to back averages about half a batch queued (the queue refills from
+            empty while each batch runs; less for a staged batcher, whose next batch leaves the
+            queue to be tokenized): aim below that, e.g. a quarter of ``max_batch_size``.
     """
 
-    def __init__(self, target_queue_rows: float = 64.0) -> None:
+    def __init__(self, target_queue_rows: float = 16.0) -> None:
         if not (math.isfinite(target_queue_rows) and target_queue_rows > 0):
             raise ValueError(f"target_queue_rows must be > 0, got {target_queue_rows!r}")
         self.target_queue_rows = target_queue_rows
