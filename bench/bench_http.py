@@ -73,6 +73,18 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) of process ``pid`` (this one by default); ``None`` off Linux."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scrape_batches(text: str) -> tuple[float, float]:
     """``(rows, batches)`` summed over the batchers of a ``/metrics`` text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -106,10 +118,14 @@ def start_server(
     }
     if a.model:
         env["BATCHIO_MODEL"] = a.model
+    env.update(a.server_env)
     cmd = [
         sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", HOST,
         "--port", str(port), "--log-level", "info", "--no-access-log",
         "--timeout-graceful-shutdown", str(int(STOP_TIMEOUT / 2)),
+        # Longer than any stall of a client on a busy box: a keep-alive connection closed by the
+        # server just as the client reuses it would count as an error of the service.
+        "--timeout-keep-alive", "60",
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -206,13 +222,22 @@ def run_one(mode: str, a: argparse.Namespace, texts: Sequence[str]) -> dict[str,
                     client, texts, clients=a.clients, seconds=a.warmup, record=False
                 )
             rows0, batches0 = scrape_batches((await client.get("/metrics")).text)
+            cpu0 = cpu_seconds(proc.pid), cpu_seconds()
             res = await closed_loop_http(
                 client, texts, clients=a.clients, seconds=a.seconds, record=True
             )
+            cpu1 = cpu_seconds(proc.pid), cpu_seconds()
             rows1, batches1 = scrape_batches((await client.get("/metrics")).text)
         res["dim"] = dim
         res["rows"] = rows1 - rows0
         res["batches"] = batches1 - batches0
+        # Cores busy over the window: on a shared 2-core box, who had the CPU.
+        for i, who in enumerate(("server", "client")):
+            before, after = cpu0[i], cpu1[i]
+            res[f"{who}_cores"] = (
+                (after - before) / res["elapsed"] if before is not None and after is not None
+                else None
+            )  # fmt: skip
         return res
 
     t_start = time.perf_counter()
@@ -238,6 +263,8 @@ def run_one(mode: str, a: argparse.Namespace, texts: Sequence[str]) -> dict[str,
         "batches": res["batches"],
         "errors": res["errors"],
         "embedding_dim": res["dim"],
+        "server_cores": res["server_cores"],
+        "client_cores": res["client_cores"],
         "server_exit_code": exit_code,
         # uvicorn's last lines after SIGTERM: the lifespan (and so the batcher's drain) ended
         "clean_shutdown": "Application shutdown complete." in " ".join(server_log[-3:]),
@@ -250,6 +277,9 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: runs[0][k] for k in ("mode", "clients", "seconds", "embedding_dim")}
     for key in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch_size"):
         out[key] = summarize([r[key] for r in runs])
+    for key in ("server_cores", "client_cores"):
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = summarize(values) if values else None
     out["requests"] = sum(r["requests"] for r in runs)
     out["errors"] = sum((Counter(r["errors"]) for r in runs), Counter())
     out["server_exit_codes"] = [r["server_exit_code"] for r in runs]
@@ -305,14 +335,19 @@ def run_http(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-HEADERS = ["mode", "clients", "requests/s", "p50 ms", "p99 ms", "mean batch", "errors"]
+HEADERS = [
+    "mode", "clients", "requests/s", "p50 ms", "p99 ms", "mean batch", "server cores",
+    "client cores", "errors",
+]  # fmt: skip
 
 
 def _cells(r: dict[str, Any], fmt: Any) -> list[str]:
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
     return [
         r["mode"], str(r["clients"]), fmt(r["requests_per_s"], ",.1f"), fmt(r["p50_ms"], ",.0f"),
-        fmt(r["p99_ms"], ",.0f"), fmt(r["mean_batch_size"], ".1f"), errors,
+        fmt(r["p99_ms"], ",.0f"), fmt(r["mean_batch_size"], ".1f"),
+        *[fmt(r[k], ".2f") if r.get(k) else "n/a" for k in ("server_cores", "client_cores")],
+        errors,
     ]  # fmt: skip
 
 
@@ -373,11 +408,18 @@ def main(argv: list[str] | None = None) -> None:
                    )  # fmt: skip
     p.add_argument("--model", default=None, help="local model dir (default: packaged MiniLM)")
     p.add_argument("--corpus-size", type=int, default=2048)
+    p.add_argument("--env", dest="server_env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every server (BATCHIO_LATENCY_TARGET=0.1, "
+                   "say); repeatable")  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report", type=Path, default=None,
                    help="print the Markdown table of a results file and exit")  # fmt: skip
     a = p.parse_args(argv)
+    try:
+        a.server_env = dict(kv.split("=", 1) for kv in a.server_env)
+    except ValueError:
+        p.error("--env takes NAME=VALUE")
     if a.report is not None:
         print(render_markdown(json.loads(a.report.read_text())), end="")
         return

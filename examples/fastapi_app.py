@@ -97,6 +97,8 @@ class Settings:
             ``bench/bench_http.py`` (``BATCHIO_BATCHING=0``).
         max_batch_size: rows in one forward pass (``BATCHIO_MAX_BATCH_SIZE``).
         max_wait: seconds the oldest request waits for company (``BATCHIO_MAX_WAIT``).
+        latency_target: seconds: the adaptive policy (see ``docs/scheduling.md``) instead of
+            ``max_wait`` (``BATCHIO_LATENCY_TARGET``); ``None``: the static ``max_wait`` rule.
         max_batch_tokens: the padded-token budget of one forward pass: each batch is sorted by
             length and run in micro-batches under it, so short texts are not padded to the
             longest (``BATCHIO_MAX_BATCH_TOKENS``). ``None``: the device's default (none on
@@ -119,6 +121,7 @@ class Settings:
     batching: bool = True
     max_batch_size: int = 64
     max_wait: float = 0.005
+    latency_target: float | None = None
     max_batch_tokens: int | None = None
     max_queue_size: int = 1024
     request_timeout: float | None = 10.0
@@ -137,9 +140,10 @@ class Settings:
             raise ValueError("retry_after_s and torch_threads must be >= 0")
         if not (math.isfinite(self.max_wait) and self.max_wait >= 0):
             raise ValueError(f"max_wait must be finite and >= 0, got {self.max_wait!r}")
-        timeout = self.request_timeout
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"request_timeout must be > 0 or None, got {timeout!r}")
+        for name in ("request_timeout", "latency_target"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -151,6 +155,7 @@ class Settings:
             batching=env.get("BATCHIO_BATCHING", "1").lower() not in ("0", "false", "no", "off"),
             max_batch_size=_env_int(env, "BATCHIO_MAX_BATCH_SIZE", d.max_batch_size),
             max_wait=_env_float(env, "BATCHIO_MAX_WAIT", d.max_wait) or 0.0,
+            latency_target=_env_float(env, "BATCHIO_LATENCY_TARGET", None),
             max_batch_tokens=_env_optional_int(env, "BATCHIO_MAX_BATCH_TOKENS"),
             max_queue_size=_env_int(env, "BATCHIO_MAX_QUEUE_SIZE", d.max_queue_size),
             request_timeout=_env_float(env, "BATCHIO_REQUEST_TIMEOUT", d.request_timeout),
@@ -204,13 +209,21 @@ def minilm_embedder(settings: Settings) -> Embedder:
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    options: batchio.BatcherOptionsKw = {
+        "max_batch_size": settings.max_batch_size if settings.batching else 1,
+        "max_queue_size": settings.max_queue_size,
+        "when_full": "reject",
+    }
+    if not settings.batching:
+        options["max_wait"] = 0.0
+    elif settings.latency_target is not None:
+        options["latency_target"] = settings.latency_target
+    else:
+        options["max_wait"] = settings.max_wait
     return SentenceEmbedder(
         settings.model or model_path(),
-        max_batch_size=settings.max_batch_size if settings.batching else 1,
-        max_wait=settings.max_wait if settings.batching else 0.0,
         max_batch_tokens=settings.max_batch_tokens if settings.max_batch_tokens else "auto",
-        max_queue_size=settings.max_queue_size,
-        when_full="reject",
+        **options,
     )
 
 

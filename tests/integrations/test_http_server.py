@@ -485,6 +485,7 @@ def test_settings_from_the_environment() -> None:
         "BATCHIO_MAX_BATCH_SIZE": "8",
         "BATCHIO_MAX_WAIT": "0.01",
         "BATCHIO_MAX_BATCH_TOKENS": "256",
+        "BATCHIO_LATENCY_TARGET": "0.05",
         "BATCHIO_MAX_QUEUE_SIZE": "16",
         "BATCHIO_REQUEST_TIMEOUT": "none",
         "BATCHIO_MAX_BODY_BYTES": "2048",
@@ -498,6 +499,7 @@ def test_settings_from_the_environment() -> None:
         max_batch_size=8,
         max_wait=0.01,
         max_batch_tokens=256,
+        latency_target=0.05,
         max_queue_size=16,
         request_timeout=None,
         max_body_bytes=2048,
@@ -512,6 +514,7 @@ def test_settings_from_the_environment() -> None:
         {"BATCHIO_MAX_WAIT": "-1"},
         {"BATCHIO_RETRY_AFTER": "-1"},
         {"BATCHIO_MAX_BATCH_TOKENS": "0"},
+        {"BATCHIO_LATENCY_TARGET": "0"},
     ):
         with pytest.raises(ValueError, match="must be"):
             Settings.from_env(bad)
