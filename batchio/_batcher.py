@@ -977,11 +977,18 @@ class Batcher(Generic[InT, OutT]):
         if batch is not None:  # (cancelled before its first step, its finally never ran)
             self._not_pending(batch)
             self._off_device(batch)
-        self._in_flight -= 1
+            self._end_flight(batch)
         _consume(task)  # its outcome was delivered to its requests already
         self._wake()
         if self._closed:
             self._release_threads()
+
+    def _end_flight(self, batch: Batch) -> None:
+        # At the end of the batch's own run, so a snapshot taken by a caller that has just got
+        # its result no longer counts the batch in flight (and the slot is free for the next).
+        if not batch.ended:
+            batch.ended = True
+            self._in_flight -= 1
 
     def _executor_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -1103,6 +1110,7 @@ class Batcher(Generic[InT, OutT]):
                 if error is None and isinstance(outcomes, list):
                     failed = sum(isinstance(o, BaseException) for o in outcomes)
                 report(self._observers, self._name, batch, n, seconds, error, failed)
+            self._end_flight(batch)
 
     def _size_of(self, batch: Batch) -> float:
         """A batch's size as the run-time model counts it: its cost, or the rows fn saw."""

@@ -8,6 +8,7 @@ a batch's span can link to the spans of the requests it carried.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -43,6 +44,11 @@ class BatchRecord:
             batch's longest wait: its own submission time was not kept.)
         contexts: per request: what :meth:`BatchObserver.capture` returned when it was
             submitted; ``None`` for requests submitted before the observer was added.
+        first: per request: this batch carries its first row (False for the later parts of a
+            ``map`` split over several batches), so a per-request figure such as the queue
+            wait is counted once.
+        failed: per request: it has got an error (from this batch, or, for a ``map`` whose
+            earlier part failed, before).
         error: the batch-level error (the function raised, returned the wrong shape, or
             stalled), or ``None`` when the function returned results, even if some of them
             are per-row exceptions.
@@ -57,6 +63,8 @@ class BatchRecord:
     run: float
     queue_waits: tuple[float, ...]
     contexts: tuple[object, ...]
+    first: tuple[bool, ...]
+    failed: tuple[bool, ...]
     error: BaseException | None
     failed_rows: int
 
@@ -109,13 +117,19 @@ def report(
     started = ended - int(seconds * 1e9)
     waits: list[float] = []
     captured: list[Any] = []
+    failed: list[bool] = []
+    fut: asyncio.Future[Any]
     for owner in batch.owners:
         if type(owner) is Request:
             waits.append(max(0.0, batch.at - owner.enqueued_at))
             captured.append(owner.context)
+            fut = owner.future
         else:  # submitted before any observer was added: nothing was kept
             waits.append(batch.waited)
             captured.append(None)
+            fut = owner  # type: ignore[assignment]
+        failed.append(fut.done() and not fut.cancelled() and fut.exception() is not None)
+    first = (True,) * len(waits) if batch.simple else tuple(o == 0 for o in batch.offsets)
     for observer in observers:
         contexts = tuple(
             next((value for o, value in c if o is observer), None) if c else None for c in captured
@@ -129,6 +143,8 @@ def report(
             run=seconds,
             queue_waits=tuple(waits),
             contexts=contexts,
+            first=first,
+            failed=tuple(failed),
             error=error,
             failed_rows=failed_rows,
         )

@@ -153,6 +153,7 @@ class Batch:
         "at",
         "cost",
         "counts",
+        "ended",
         "inputs",
         "job",
         "offsets",
@@ -169,6 +170,7 @@ class Batch:
 
     def __init__(self) -> None:
         self.settled = False  # its requests have been delivered to, or failed, once
+        self.ended = False  # its run is over and no longer counted in flight
         self.cost = 0.0  # what its rows cost (summed, or padded), with a cost function
         self.at = 0.0  # when it was dispatched
         self.waited = 0.0  # the longest queue wait of its requests

@@ -152,6 +152,7 @@ async def test_a_map_split_over_batches_appears_in_each_with_its_context() -> No
         CALLER.set("mapper")
         assert await b.map([1, 2, 3]) == [2, 4, 6]
     assert [(r.rows, r.contexts) for r in rec.records] == [(2, ("mapper",)), (1, ("mapper",))]
+    assert [r.first for r in rec.records] == [(True,), (False,)]  # its wait counts once
 
 
 async def test_a_failing_batch_is_reported_with_its_error() -> None:
@@ -167,6 +168,7 @@ async def test_a_failing_batch_is_reported_with_its_error() -> None:
     (record,) = rec.records
     assert isinstance(record.error, ValueError)
     assert record.failed_rows == 1
+    assert record.failed == (True,)
 
 
 async def test_per_row_errors_count_as_failed_rows_of_a_batch_that_returned() -> None:
@@ -180,6 +182,7 @@ async def test_per_row_errors_count_as_failed_rows_of_a_batch_that_returned() ->
         results = await asyncio.gather(b(1), b(-1), b(2), return_exceptions=True)
     assert isinstance(results[1], ValueError)
     (record,) = rec.records
+    assert record.failed == (False, True, False)
     assert record.error is None
     assert record.failed_rows == 1
 

@@ -193,8 +193,8 @@ class _Observer:
     def _trace(self, tracer: trace.Tracer, record: BatchRecord) -> None:
         waits = record.queue_waits
         callers = [
-            (ctx, wait)
-            for ctx, wait in zip(record.contexts, waits, strict=True)
+            (ctx, wait, failed)
+            for ctx, wait, failed in zip(record.contexts, waits, record.failed, strict=True)
             if isinstance(ctx, SpanContext)
         ]
         error = record.error
@@ -215,7 +215,7 @@ class _Observer:
             context=trace.set_span_in_context(trace.INVALID_SPAN),
             kind=SpanKind.INTERNAL,
             attributes=attributes,
-            links=[Link(ctx) for ctx, _ in callers],
+            links=[Link(ctx) for ctx, _, _ in callers],
             start_time=record.started_ns,
         )
         if error is not None:
@@ -225,7 +225,7 @@ class _Observer:
         if not self._request_spans:
             return
         to_batch = [Link(batch.get_span_context())]
-        for ctx, wait in callers:
+        for ctx, wait, failed in callers:
             span = tracer.start_span(
                 REQUEST_SPAN,
                 context=trace.set_span_in_context(trace.NonRecordingSpan(ctx)),
@@ -242,6 +242,8 @@ class _Observer:
             )
             if error is not None:
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            elif failed:  # its own row failed, in a batch that ran
+                span.set_status(Status(StatusCode.ERROR, "the request's row failed"))
             span.end(end_time=record.ended_ns)
 
 
@@ -318,8 +320,9 @@ class _Meters:
         def record(rec: BatchRecord) -> None:
             size.record(rec.rows, attributes)
             run.record(rec.run, attributes)
-            for w in rec.queue_waits:
-                wait.record(w, attributes)
+            for w, first in zip(rec.queue_waits, rec.first, strict=True):
+                if first:  # a map split over batches waited once
+                    wait.record(w, attributes)
 
         return record
 

@@ -200,6 +200,24 @@ async def test_a_failed_row_alone_leaves_the_batch_span_ok(otel: Otel) -> None:
     (batch,) = otel.finished(BATCH_SPAN)
     assert batch.status.status_code is StatusCode.UNSET
     assert dict(batch.attributes or {})["batchio.batch.failed_rows"] == 1
+    # The failed request's own span says so; its neighbour's does not.
+    by_parent = {
+        s.parent.span_id: s.status.status_code
+        for s in otel.finished(REQUEST_SPAN)
+        if s.parent is not None
+    }
+    assert by_parent[calls[0][1].span_id] is StatusCode.ERROR
+    assert by_parent[calls[1][1].span_id] is StatusCode.UNSET
+
+
+async def test_a_map_split_over_batches_waits_once_in_the_histogram(otel: Otel) -> None:
+    name = unique("split")
+    async with Batcher(lambda xs: xs, max_batch_size=2, max_wait=0.0, name=name) as b:
+        otel.instrument(b, tracing=False)
+        assert await b.map([1, 2, 3, 4, 5]) == [1, 2, 3, 4, 5]  # three batches
+    points = otel.points()
+    assert histogram(points, "batchio.batch_size", name).count == 3
+    assert histogram(points, "batchio.queue_wait", name).count == 1  # one request
 
 
 async def test_requests_without_a_span_are_not_linked(otel: Otel) -> None:
