@@ -792,7 +792,8 @@ class Batcher(Generic[InT, OutT]):
                 after it, within ``max_in_flight``), or as they complete.
             max_in_flight: how many requests may be submitted and not yet yielded; by default
                 ``max_batch_size`` times (``max_concurrent_batches`` + 1), which keeps every
-                batch slot busy with a full batch queued behind it.
+                batch slot busy with a full batch queued behind it, and at most
+                ``max_queue_size`` (so a lone stream never overflows a bounded queue).
             return_exceptions: how a failed item is reported. False (the default): its error
                 is raised from the iteration, which stops it (and cancels the rest). True: the
                 exception instance is yielded in the item's place and the stream goes on, as
@@ -800,10 +801,16 @@ class Batcher(Generic[InT, OutT]):
             timeout: each item's deadline, as in :meth:`__call__`.
             priority: each item's priority, as in :meth:`__call__`.
 
-        An error raised by ``items`` itself is raised after the results of the items before it.
+        An error raised by ``items`` itself is raised after the results of the items before it;
+        so is a refusal that concerns the batcher rather than an item (``BatcherClosedError``,
+        ``BatcherBrokenError``, ``BatcherLoopError``), which ends the stream even with
+        ``return_exceptions=True``.
         """
         if max_in_flight is None:
             max_in_flight = self.max_batch_size * (self._concurrency + 1)
+            bound = self._options.max_queue_size
+            if bound is not None:  # (the feeder may queue them all before a batch is formed)
+                max_in_flight = max(1, min(max_in_flight, bound))
         elif type(max_in_flight) is not int or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         if timeout is not DEFAULT:
@@ -1104,8 +1111,10 @@ class Batcher(Generic[InT, OutT]):
                 self._outcomes.fail_batch(batch, broken)
                 error = broken
             if self._observers:
-                if outcomes is STALLED:
-                    error = BatchStalledError(cast(float, limit))
+                # What settled the batch, if something failed all of it (a stall, a bounded
+                # close, the executor dying), is what its requests got.
+                if batch.error is not None:
+                    error = batch.error
                 failed = n
                 if error is None and isinstance(outcomes, list):
                     failed = sum(isinstance(o, BaseException) for o in outcomes)

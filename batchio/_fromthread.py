@@ -18,6 +18,8 @@ from ._request import FUT, Entry, Request
 
 __all__: list[str] = []
 
+_CLOSED_CHECK = 0.25  # seconds between looks at whether the loop was closed under a waiter
+
 
 def entry_future(entry: Entry) -> asyncio.Future[Any]:
     return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
@@ -70,6 +72,11 @@ def call_from_thread(
     except RuntimeError as exc:  # the loop was closed
         raise closed() from exc
     try:
+        # In slices: a loop stopped and closed with this request pending (not drained) would
+        # leave it unresolved for ever; the slice notices, instead of hanging the thread.
+        while not concurrent.futures.wait((done,), timeout=_CLOSED_CHECK)[0]:
+            if loop.is_closed():
+                raise closed()
         return done.result()
     except BaseException:
         if not done.done():

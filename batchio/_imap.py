@@ -13,10 +13,15 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from typing import Any
 
+from ._exceptions import BatcherBrokenError, BatcherClosedError, BatcherLoopError
 from ._fromthread import entry_future
 from ._request import Entry
 
 __all__: list[str] = []
+
+# Refusals that say the batcher can take nothing (closed, broken, the wrong loop): they end the
+# stream, after the results before them, even with return_exceptions.
+_ENDS_THE_STREAM = (BatcherClosedError, BatcherBrokenError, BatcherLoopError)
 
 
 async def stream(
@@ -50,7 +55,9 @@ async def stream(
         try:
             entry: Entry | None = submit(item)
             fut = entry_future(entry)  # type: ignore[arg-type]
-        except Exception as exc:  # refused at the door (a full queue, closed): this item's error
+        except _ENDS_THE_STREAM:
+            raise  # about the batcher, not the item: every later item would get it too
+        except Exception as exc:  # refused at the door (a full queue, say): this item's error
             entry = None
             fut = loop.create_future()
             fut.set_exception(exc)
@@ -81,7 +88,7 @@ async def stream(
                     except StopIteration:
                         break
                     put(item)
-        except Exception as exc:  # the source itself failed: raised after the results before it
+        except Exception as exc:  # the source (or the batcher) failed: raised after the results
             source_error = exc
         finally:
             fed_all = True
@@ -121,6 +128,8 @@ async def stream(
                 fut.cancel()
                 if entry is not None:
                     cancel(entry)
+            elif not fut.cancelled():
+                fut.exception()  # seen: errors of items never yielded are not "unretrieved"
         outstanding.clear()
         order.clear()
         await asyncio.gather(feeder, return_exceptions=True)

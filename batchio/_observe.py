@@ -73,8 +73,9 @@ class BatchRecord:
 class BatchObserver(Protocol):
     """What :meth:`Batcher.add_observer <batchio.Batcher.add_observer>` accepts.
 
-    Both methods run on the batcher's event loop thread (``capture`` on the caller's, for
-    :meth:`~batchio.Batcher.call_sync`) and must be quick: they are on the request path. An
+    Both methods run on the batcher's event loop thread (``capture`` in the caller's context:
+    for :meth:`~batchio.Batcher.call_sync`, a copy of the calling thread's) and must be quick:
+    they are on the request path. An
     exception from either is logged (logger ``"batchio"``) and otherwise ignored: observing
     never fails a request.
     """

@@ -144,6 +144,7 @@ class Outcomes:
         """
         if not batch.settled:
             batch.settled = True
+            batch.error = exc
             self.fail_all(batch.owners, exc)
 
     def deliver(self, batch: Batch, outcomes: Sequence[Any]) -> None:

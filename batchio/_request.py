@@ -154,6 +154,7 @@ class Batch:
         "cost",
         "counts",
         "ended",
+        "error",
         "inputs",
         "job",
         "offsets",
@@ -171,6 +172,7 @@ class Batch:
     def __init__(self) -> None:
         self.settled = False  # its requests have been delivered to, or failed, once
         self.ended = False  # its run is over and no longer counted in flight
+        self.error: BaseException | None = None  # what failed all of it, if something did
         self.cost = 0.0  # what its rows cost (summed, or padded), with a cost function
         self.at = 0.0  # when it was dispatched
         self.waited = 0.0  # the longest queue wait of its requests

@@ -69,6 +69,7 @@ class BatcherThread(Generic[T]):
         self._enter_error: BaseException | None = None
         self._exit_error: BaseException | None = None
         self._exc_info: _ExcInfo = (None, None, None)
+        self._stop_requested = False
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped" if self._thread else "not started"
@@ -127,7 +128,9 @@ class BatcherThread(Generic[T]):
             return
         if threading.current_thread() is thread:
             raise RuntimeError(f"{self!r}.stop() was called on its own loop's thread")
-        loop, stop = self._loop, self._stop_event
+        with self._lock:  # (a loop still starting sees the request when it is ready)
+            self._stop_requested = True
+            loop, stop = self._loop, self._stop_event
         if loop is not None and stop is not None:
             try:
                 loop.call_soon_threadsafe(stop.set)
@@ -151,7 +154,12 @@ class BatcherThread(Generic[T]):
         loop = self.loop  # (first: a coroutine made and never awaited would warn)
         if not self.running:
             raise RuntimeError(f"{self!r} is not running")
-        return asyncio.run_coroutine_threadsafe(_call(fn, args), loop).result()
+        future = asyncio.run_coroutine_threadsafe(_call(fn, args), loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # an interrupted caller (Ctrl-C) cancels the coroutine it started
+            raise
 
     def __enter__(self) -> T:
         return self.start()
@@ -168,12 +176,12 @@ class BatcherThread(Generic[T]):
     # -- on the background thread --------------------------------------------------------------
 
     def _run(self) -> None:
-        factory = None
-        if self._use_uvloop:
-            import uvloop
-
-            factory = uvloop.new_event_loop
         try:
+            factory = None
+            if self._use_uvloop:
+                import uvloop
+
+                factory = uvloop.new_event_loop
             with asyncio.Runner(loop_factory=factory) as runner:
                 runner.run(self._main())
         except BaseException as exc:  # (a loop that failed to start): start() reports it
@@ -185,8 +193,12 @@ class BatcherThread(Generic[T]):
             self._entered.set()
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        stop = self._stop_event = asyncio.Event()
+        stop = asyncio.Event()
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._stop_event = stop
+            if self._stop_requested:  # stop() came while the loop was starting
+                stop.set()
         try:
             value = await self._owner.__aenter__()
         except BaseException as exc:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from batchio import Batcher, QueueFullError
+from batchio import Batcher, BatcherClosedError, QueueFullError
 from batchio.testing import GatedBatchFn, wait_all_tasks_blocked
 
 pytestmark = pytest.mark.anyio
@@ -193,3 +193,14 @@ async def test_bad_arguments_are_refused_before_anything_is_submitted() -> None:
         with pytest.raises(TypeError):
             b.imap(range(3), priority="high")  # type: ignore[call-overload]
         assert b.statistics().submitted == 0
+
+
+async def test_a_closed_batcher_ends_the_stream_even_with_return_exceptions() -> None:
+    pulled = Source(10**9)  # an endless source would otherwise be pulled to the end
+    b = Batcher(double)
+    async with b:
+        pass
+    stream = b.imap(pulled, return_exceptions=True)
+    with pytest.raises(BatcherClosedError):
+        await anext(stream)
+    assert pulled.pulled == 1
