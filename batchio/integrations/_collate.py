@@ -39,6 +39,8 @@ __all__ = [
     "PreparedRow",
 ]
 
+#: Which end of a row the padding goes: ``"right"`` (after the tokens, what encoders expect) or
+#: ``"left"`` (before them, what decoder-only models generating from the last position need).
 PaddingSide: TypeAlias = Literal["left", "right"]
 
 DEFAULT_PAD_VALUES: Final[Mapping[str, float]] = {
