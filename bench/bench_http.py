@@ -3,9 +3,9 @@
 For each mode the bench starts ``examples/fastapi_app.py`` under uvicorn in a subprocess on
 127.0.0.1 (a free port), waits for ``/health``, and runs a closed loop: ``--clients`` clients
 (one keep-alive connection each, see :class:`LoadConnection`), each posting one sentence to
-``/embed`` and sending the next as soon as the answer
-comes, for ``--warmup`` seconds (not measured) and then ``--seconds`` seconds (measured; the
-requests still in flight at the end are waited for and counted). Then it stops the server with
+``/embed`` and sending the next as soon as the answer comes, for ``--warmup`` seconds (not
+measured) and then ``--seconds`` seconds (measured; the requests still in flight at the end are
+waited for and counted). Then it stops the server with
 SIGTERM (uvicorn's graceful shutdown, then the lifespan's drain) and checks it exited cleanly.
 
 * ``batched``: the example as served (``BATCHIO_BATCHING=1``: ``max_batch_size`` 64, ``max_wait``

@@ -102,7 +102,8 @@ class Settings:
         max_batch_tokens: the padded-token budget of one forward pass: each batch is sorted by
             length and run in micro-batches under it, so short texts are not padded to the
             longest (``BATCHIO_MAX_BATCH_TOKENS``). ``None``: the device's default (none on
-            the CPU, where 256 serves about twice the requests; see ``docs/serving.md``).
+            the CPU, where 256 serves 2.7 times the requests of no budget; see
+            ``docs/serving.md``).
         max_queue_size: requests that may wait for a batch; one more gets 503
             (``BATCHIO_MAX_QUEUE_SIZE``).
         request_timeout: seconds from arrival at the batcher to the result, else 504;
