@@ -9,10 +9,10 @@ waited for and counted). Then it stops the server with
 SIGTERM (uvicorn's graceful shutdown, then the lifespan's drain) and checks it exited cleanly.
 
 * ``batched``: the example as served (``BATCHIO_BATCHING=1``: ``max_batch_size`` 64, ``max_wait``
-  5 ms);
-* ``batched+mbt``: the same with ``BATCHIO_MAX_BATCH_TOKENS=256`` (``--max-batch-tokens``): each
-  batch sorted by length and run in micro-batches under that padded-token budget, which on a CPU
-  spares most of the padding of a batch in arrival order;
+  5 ms, and the embedder's token budget: on a CPU 256 padded tokens, each batch sorted by length
+  and run in micro-batches under it; ``--max-batch-tokens N`` sets another);
+* ``batched-padded``: the same with ``BATCHIO_MAX_BATCH_TOKENS=none``: one forward pass per batch,
+  in arrival order, padded to its longest text (the embedder's CPU default before issue 10);
 * ``unbatched``: the same app, model, torch threads and limits with ``BATCHIO_BATCHING=0``: the
   model runs once per request (``max_batch_size=1``).
 
@@ -61,7 +61,7 @@ from .report import md_range, md_table
 
 __all__ = ["MODES", "main", "render_markdown", "run_http", "scrape_batches"]
 
-MODES = ("batched", "batched+mbt", "unbatched")
+MODES = ("batched", "batched-padded", "unbatched")
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 180.0  # seconds for the model to load on a busy 2-core machine
 STOP_TIMEOUT = 60.0
@@ -110,7 +110,9 @@ def start_server(
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "BATCHIO_BATCHING": "0" if mode == "unbatched" else "1",
-        "BATCHIO_MAX_BATCH_TOKENS": str(a.max_batch_tokens) if mode == "batched+mbt" else "none",
+        "BATCHIO_MAX_BATCH_TOKENS": (
+            "none" if mode == "batched-padded" else str(a.max_batch_tokens or "auto")
+        ),
         "BATCHIO_MAX_BATCH_SIZE": str(a.max_batch_size),
         "BATCHIO_MAX_WAIT": str(a.max_wait),
         "BATCHIO_TORCH_THREADS": str(a.torch_threads),
@@ -470,8 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-wait", type=float, default=0.005)
-    p.add_argument("--max-batch-tokens", type=int, default=256,
-                   help="the batched+mbt mode's padded-token budget")  # fmt: skip
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="the batched mode's padded-token budget (default: the embedder's)"
+                   )  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=1,
                    help="the server's torch threads, the same in both modes (0: torch's default)"
                    )  # fmt: skip

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -76,9 +76,11 @@ def _env_float(environ: Mapping[str, str], name: str, default: float | None) -> 
     return float(raw)
 
 
-def _env_optional_int(environ: Mapping[str, str], name: str) -> int | None:
-    raw = environ.get(name)
-    return None if raw is None or raw == "" or raw.lower() == "none" else int(raw)
+def _env_token_budget(environ: Mapping[str, str], name: str) -> int | Literal["auto"] | None:
+    raw = environ.get(name, "")
+    if raw in ("", "auto"):
+        return "auto"
+    return None if raw.lower() == "none" else int(raw)
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -101,9 +103,10 @@ class Settings:
             ``max_wait`` (``BATCHIO_LATENCY_TARGET``); ``None``: the static ``max_wait`` rule.
         max_batch_tokens: the padded-token budget of one forward pass: each batch is sorted by
             length and run in micro-batches under it, so short texts are not padded to the
-            longest (``BATCHIO_MAX_BATCH_TOKENS``). ``None``: the device's default (none on
-            the CPU, where 256 serves 2.7 times the requests of no budget; see
-            ``docs/serving.md``).
+            longest (``BATCHIO_MAX_BATCH_TOKENS``). ``"auto"`` (default, or the variable
+            unset): the device's (256 on the CPU, where it serves about 2.5 times the requests
+            of no budget; see ``docs/serving.md``); ``None`` (``none``): one pass per batch,
+            padded to its longest text.
         max_queue_size: requests that may wait for a batch; one more gets 503
             (``BATCHIO_MAX_QUEUE_SIZE``).
         request_timeout: seconds from arrival at the batcher to the result, else 504;
@@ -123,7 +126,7 @@ class Settings:
     max_batch_size: int = 64
     max_wait: float = 0.005
     latency_target: float | None = None
-    max_batch_tokens: int | None = None
+    max_batch_tokens: int | Literal["auto"] | None = "auto"
     max_queue_size: int = 1024
     request_timeout: float | None = 10.0
     max_body_bytes: int = 64 * 1024
@@ -135,8 +138,9 @@ class Settings:
         for name in ("max_batch_size", "max_queue_size", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
+        mbt = self.max_batch_tokens
+        if mbt != "auto" and mbt is not None and (isinstance(mbt, bool) or mbt < 1):
+            raise ValueError(f"max_batch_tokens must be >= 1, 'auto' or None, got {mbt!r}")
         if self.retry_after_s < 0 or self.torch_threads < 0:
             raise ValueError("retry_after_s and torch_threads must be >= 0")
         if not (math.isfinite(self.max_wait) and self.max_wait >= 0):
@@ -157,7 +161,7 @@ class Settings:
             max_batch_size=_env_int(env, "BATCHIO_MAX_BATCH_SIZE", d.max_batch_size),
             max_wait=_env_float(env, "BATCHIO_MAX_WAIT", d.max_wait) or 0.0,
             latency_target=_env_float(env, "BATCHIO_LATENCY_TARGET", None),
-            max_batch_tokens=_env_optional_int(env, "BATCHIO_MAX_BATCH_TOKENS"),
+            max_batch_tokens=_env_token_budget(env, "BATCHIO_MAX_BATCH_TOKENS"),
             max_queue_size=_env_int(env, "BATCHIO_MAX_QUEUE_SIZE", d.max_queue_size),
             request_timeout=_env_float(env, "BATCHIO_REQUEST_TIMEOUT", d.request_timeout),
             max_body_bytes=_env_int(env, "BATCHIO_MAX_BODY_BYTES", d.max_body_bytes),
@@ -223,7 +227,7 @@ def minilm_embedder(settings: Settings) -> Embedder:
         options["max_wait"] = settings.max_wait
     return SentenceEmbedder(
         settings.model or model_path(),
-        max_batch_tokens=settings.max_batch_tokens if settings.max_batch_tokens else "auto",
+        max_batch_tokens=settings.max_batch_tokens,
         **options,
     )
 

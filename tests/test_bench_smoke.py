@@ -244,7 +244,7 @@ def test_http_bench_runs_at_tiny_sizes(tmp_path: Path, capsys: pytest.CaptureFix
     )  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"wrote .*http\.json \(\d+ s\)", lines[-1]), lines[-1]
-    pattern = r"÷ unbatched \(requests/s\): batched \d+\.\d\d, batched\+mbt \d+\.\d\d"
+    pattern = r"÷ unbatched \(requests/s\): batched \d+\.\d\d, batched-padded \d+\.\d\d"
     assert re.fullmatch(pattern, lines[-2]), lines[-2]
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["rows"]] == list(bench_http.MODES)
@@ -259,4 +259,4 @@ def test_http_bench_runs_at_tiny_sizes(tmp_path: Path, capsys: pytest.CaptureFix
     (unbatched,) = [r for r in res["rows"] if r["mode"] == "unbatched"]
     assert unbatched["mean_batch_size"]["median"] == 1
     table = bench_http.render_markdown(res)
-    assert "| batched+mbt | 4 |" in table
+    assert "| batched-padded | 4 |" in table

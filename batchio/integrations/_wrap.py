@@ -75,14 +75,19 @@ def setup(
     max_batch_tokens: int | Auto | None,
     length_buckets: int | Sequence[int] | Auto | None,
     batch_sizes: Sequence[int] | Auto | None,
+    cpu_max_batch_tokens: int | None = None,
     **wrapper_defaults: Any,
 ) -> WrapperSetup:
     """Options and shapes, each the caller's where given, else the device's default.
 
     ``options`` (when given) replaces the wrapper's defaults, the device's ``max_batch_size``
     and the default ``latency_target`` included; ``kwargs`` go on top of either.
+    ``cpu_max_batch_tokens`` is the wrapper's own token budget off CUDA (a text wrapper's), for
+    ``max_batch_tokens="auto"``.
     """
     dd = device_defaults(device)
+    if max_batch_tokens == AUTO and not dd.cuda and cpu_max_batch_tokens is not None:
+        max_batch_tokens = cpu_max_batch_tokens
     if options is None:
         base_kw = {**scheduling_defaults(kwargs), **wrapper_defaults}
         if dd.max_batch_size is not None:

@@ -507,6 +507,9 @@ def test_settings_from_the_environment() -> None:
         torch_threads=1,
     )
     assert Settings.from_env({"BATCHIO_REQUEST_TIMEOUT": "2.5"}).request_timeout == 2.5
+    assert Settings.from_env({}).max_batch_tokens == "auto"  # the device's: 256 on a CPU
+    assert Settings.from_env({"BATCHIO_MAX_BATCH_TOKENS": "auto"}).max_batch_tokens == "auto"
+    assert Settings.from_env({"BATCHIO_MAX_BATCH_TOKENS": "none"}).max_batch_tokens is None
     for bad in (
         {"BATCHIO_MAX_QUEUE_SIZE": "0"},
         {"BATCHIO_REQUEST_TIMEOUT": "0"},

@@ -193,3 +193,20 @@ async def test_wrappers_share_the_batcher_options_and_take_a_per_call_timeout(
         with pytest.raises(ValueError, match="timeout"):
             await e("x", timeout=0)
     assert one.shape == many[0].shape
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_on_the_cpu_the_embedder_runs_under_a_token_budget_by_default(
+    tiny_bert: Any, tokenizer: Any, staged: bool
+) -> None:
+    """Length-sorted micro-batches under 256 padded tokens about double a CPU's throughput
+    (docs/benchmarks.md sections 2 and 8): the CPU default; ``None`` turns it off."""
+    from batchio.integrations.transformers import CPU_TEXT_TOKEN_BUDGET
+
+    default = SentenceEmbedder(tiny_bert, tokenizer, staged=staged)
+    assert default.embed_batch.forward.max_batch_tokens == CPU_TEXT_TOKEN_BUDGET == 256
+    if staged:
+        assert default.staged_forward is not None
+        assert default.staged_forward.max_batch_tokens == 256
+    off = SentenceEmbedder(tiny_bert, tokenizer, staged=staged, max_batch_tokens=None)
+    assert off.embed_batch.forward.max_batch_tokens is None
