@@ -103,7 +103,8 @@ class DeviceDefaults:
     - ``length_buckets`` :data:`CUDA_LENGTH_LADDER` and ``batch_sizes``
       :func:`cuda_batch_sizes` of the batch size, so the device sees a few dozen shapes.
 
-    On the CPU, today's behaviour: no token budget, no buckets, the batcher's own batch size
+    On the CPU: no token budget (:class:`~batchio.integrations.transformers.SentenceEmbedder`
+    sets its own), no buckets, the batcher's own batch size
     (``None`` everywhere). Padding to buckets buys nothing there (a CPU kernel costs the same for
     every shape) and costs the padded tokens.
     """
