@@ -318,7 +318,7 @@ def error_response(exc: batchio.BatchioError, retry_after_s: int) -> JSONRespons
     """The response to a batchio error: its status code, as a client of this service sees it.
 
     503 (with ``Retry-After: retry_after_s``) for a full queue or a closed batcher, 503 for a
-    broken one, 504 for a request timeout or a stalled batch, 422 for an input that cannot be
+    broken one or a closed shared device, 504 for a request timeout or a stalled batch, 422 for an input that cannot be
     batched (``CollationError``), 500 for the rest (a model that returned the wrong number of
     results, say).
     """
@@ -327,7 +327,7 @@ def error_response(exc: batchio.BatchioError, retry_after_s: int) -> JSONRespons
         # Overloaded or shutting down: another try (or another replica) later may succeed.
         status = 503
         headers["Retry-After"] = str(retry_after_s)
-    elif isinstance(exc, batchio.BatcherBrokenError):
+    elif isinstance(exc, batchio.BatcherBrokenError | batchio.DeviceClosedError):
         status = 503  # this replica is done for: /health says so, a restart is what helps
     elif isinstance(exc, TimeoutError):  # RequestTimeoutError, BatchStalledError
         status = 504
@@ -398,9 +398,8 @@ def create_app(
         )
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    def metrics() -> Response:  # sync: the scrape (sorting recent samples) runs in the pool
         """Prometheus text exposition of the batcher's metrics (``batchio_*``)."""
-        # Snapshots only (statistics()): cheap enough for the loop, and it never blocks.
         return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app

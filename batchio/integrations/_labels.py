@@ -5,8 +5,10 @@ rebuilt while the old one is still referenced). Exporting both as ``batcher="emb
 produce duplicate series, which Prometheus rejects and OpenTelemetry silently merges. So the
 first batcher seen with a name gets the name itself, and each later one the lowest free
 ``name#2``, ``name#3``, ... A batcher keeps its label for as long as it lives, so its series
-never change identity; a label is reused only once its holder has been garbage-collected (or
-forgotten by the exporter).
+never change identity. Prometheus's collector reuses a label once its holder has been
+garbage-collected (a scrape target restarting looks the same, and ``rate()`` handles it);
+OpenTelemetry's never gives a label to another batcher (``reuse=False``), since the SDK would
+add the newcomer's counts to the old cumulative stream.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ __all__ = ["BatcherLabels"]
 class BatcherLabels:
     """Assigns each batcher its label value (see the module docstring); thread-safe."""
 
-    __slots__ = ("_labels", "_lock")
+    __slots__ = ("_ever", "_labels", "_lock")
 
-    def __init__(self) -> None:
+    def __init__(self, *, reuse: bool = True) -> None:
         self._lock = threading.Lock()
         self._labels: weakref.WeakKeyDictionary[Batcher[Any, Any], str] = (
             weakref.WeakKeyDictionary()
         )
+        # With reuse=False, every label ever given out: never given to another batcher (an
+        # exporter that keeps a series' history, such as OpenTelemetry's cumulative streams,
+        # would splice the newcomer's counts onto the old one's).
+        self._ever: set[str] | None = None if reuse else set()
 
     def label(self, batcher: Batcher[Any, Any]) -> str:
         """The label value of ``batcher``, assigned now if it has none yet."""
@@ -58,10 +64,15 @@ class BatcherLabels:
         label = self._labels.get(batcher)
         if label is None:
             taken = set(self._labels.values())
+            ever = self._ever
+            if ever is not None:
+                taken |= ever
             label = name = batcher.name
             n = 1
             while label in taken:
                 n += 1
                 label = f"{name}#{n}"
             self._labels[batcher] = label
+            if ever is not None:
+                ever.add(label)
         return label

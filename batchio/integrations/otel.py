@@ -58,6 +58,12 @@ _OUTCOMES: Final = ("completed", "failed", "cancelled", "timed_out", "rejected")
 Snapshots = list[tuple[str, BatcherStatistics]]
 
 
+# The tracer providers each batcher is traced with (weakly keyed: a batcher is not kept alive).
+_TRACED: weakref.WeakKeyDictionary[Batcher[Any, Any], list[object]] = weakref.WeakKeyDictionary()
+_TRACED_LOCK = threading.Lock()
+_GLOBAL = object()  # (the global tracer provider, which tracer_provider=None means)
+
+
 class Instrumentation:
     """What :func:`instrument` returns: the observer it added, until :meth:`uninstrument`.
 
@@ -83,13 +89,26 @@ class Instrumentation:
         self.batcher = batcher
         self.label: str | None = None
         self._hub: _Meters | None = None
+        self._traced: object = None
         tracer = None
         if tracing:
+            # Once per tracer provider: a second observer would trace every batch twice.
+            key: object = _GLOBAL if tracer_provider is None else tracer_provider
+            with _TRACED_LOCK:
+                providers = _TRACED.setdefault(batcher, [])
+                if any(p is key for p in providers):
+                    raise ValueError(f"{batcher!r} is already traced with this tracer provider")
+                providers.append(key)
+            self._traced = key
             tracer = trace.get_tracer(_SCOPE, batchio.__version__, tracer_provider)
         record: Callable[[BatchRecord], None] | None = None
         if metrics_on:
-            self._hub = _Meters.of(meter_provider)
-            self.label = self._hub.add(batcher)
+            try:
+                self._hub = _Meters.of(meter_provider)
+                self.label = self._hub.add(batcher)
+            except BaseException:
+                self._untrace()
+                raise
             record = self._hub.recorder(self.label)
         self._observer = _Observer(tracer, record, request_spans)
         batcher.add_observer(self._observer)
@@ -97,13 +116,24 @@ class Instrumentation:
     def uninstrument(self) -> None:
         """Remove the observer and stop exporting this batcher's metrics (idempotent).
 
+        The observable counters and gauges stop; the histograms' series stay with their last
+        values, as the SDK keeps every synchronous instrument's (see ``docs/observability.md``).
+
         Like :meth:`~batchio.Batcher.add_observer`, call it on the batcher's loop thread (or
         while it is not running).
         """
         self.batcher.remove_observer(self._observer)
+        self._untrace()
         if self._hub is not None:
             self._hub.remove(self.batcher)
             self._hub = None
+
+    def _untrace(self) -> None:
+        key, self._traced = self._traced, None
+        if key is not None:
+            with _TRACED_LOCK:
+                providers = _TRACED.get(self.batcher, [])
+                providers[:] = [p for p in providers if p is not key]
 
     def __enter__(self) -> Self:
         return self
@@ -149,7 +179,8 @@ def instrument(
         manager) to stop.
 
     Raises:
-        ValueError: ``batcher``'s metrics are already exported through this meter provider.
+        ValueError: ``batcher``'s metrics are already exported through this meter provider, or
+            it is already traced with this tracer provider.
     """
     return Instrumentation(
         batcher,
@@ -241,6 +272,8 @@ class _Observer:
                 start_time=record.started_ns - int(wait * 1e9),
             )
             if error is not None:
+                span.set_attribute("error.type", type(error).__qualname__)
+                span.record_exception(error, timestamp=record.ended_ns)
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             elif failed:  # its own row failed, in a batch that ran
                 span.set_status(Status(StatusCode.ERROR, "the request's row failed"))
@@ -275,7 +308,7 @@ class _Meters:
         self._lock = threading.Lock()
         # Weakly held: a batcher dropped without uninstrument() leaves the metrics on its own.
         self._batchers: dict[int, weakref.ref[Batcher[Any, Any]]] = {}
-        self._labels = BatcherLabels()
+        self._labels = BatcherLabels(reuse=False)
         self._snapshots: Snapshots = []
         self._served: set[str] = set()
         self._init_instruments(meter)
@@ -290,9 +323,8 @@ class _Meters:
         return self._labels.label(batcher)
 
     def remove(self, batcher: Batcher[Any, Any]) -> None:
-        """Stop reporting ``batcher``."""
+        """Stop reporting ``batcher`` (its label stays its own: see ``_labels``)."""
         self._drop(id(batcher))
-        self._labels.forget(batcher)
 
     def _drop(self, key: int) -> None:
         # No lock: this is also the weakref callback, which the garbage collector may run on a

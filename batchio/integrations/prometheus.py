@@ -26,6 +26,8 @@ The metric names and what they mean are listed in ``docs/observability.md``.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
@@ -87,6 +89,12 @@ class BatchioCollector:
     def __init__(self, batchers: Iterable[Batcher[Any, Any]] | None = None) -> None:
         self._batchers = None if batchers is None else tuple(batchers)
         self._labels = BatcherLabels()
+        # Every batch-size bound exported so far, per batcher: a bucket series, once exported,
+        # stays (a reconfigure() of max_batch_size adds bounds, never removes one).
+        self._bounds: weakref.WeakKeyDictionary[Batcher[Any, Any], frozenset[int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._bounds_lock = threading.Lock()
 
     def describe(self) -> list[Metric]:
         """The metric families without samples, so registering never scrapes a batcher."""
@@ -97,7 +105,12 @@ class BatchioCollector:
         batchers = batchio.live_batchers() if self._batchers is None else self._batchers
         families = _Families()
         for batcher, label in self._labels.labelled(batchers):
-            families.add(label, batcher.statistics(), batcher.max_batch_size)
+            stats = batcher.statistics()
+            largest = max(stats.batch_size_histogram, default=0)
+            now = batch_size_bounds(batcher.max_batch_size, largest)
+            with self._bounds_lock:  # (two scrapes at once, from two exporter threads)
+                bounds = self._bounds[batcher] = self._bounds.get(batcher, frozenset()) | set(now)
+            families.add(label, stats, tuple(sorted(bounds)))
         yield from families
 
 
@@ -127,9 +140,8 @@ def _buckets(pairs: Iterable[tuple[float, int]]) -> list[tuple[str, float]]:
     return [(_le(bound), float(count)) for bound, count in pairs]
 
 
-def _size_buckets(sizes: Mapping[int, int], max_batch_size: int) -> list[tuple[str, float]]:
+def _size_buckets(sizes: Mapping[int, int], bounds: tuple[int, ...]) -> list[tuple[str, float]]:
     pairs: list[tuple[float, int]] = []
-    bounds = batch_size_bounds(max_batch_size, max(sizes, default=0))
     ordered = sorted(sizes.items())
     total = i = 0
     for bound in bounds:
@@ -242,8 +254,9 @@ class _Families:
     def __iter__(self) -> Iterator[Metric]:
         return (m for m in vars(self).values() if isinstance(m, Metric))
 
-    def add(self, label: str, stats: BatcherStatistics, max_batch_size: int) -> None:
-        """Add one batcher's snapshot ``stats`` under ``batcher=label``."""
+    def add(self, label: str, stats: BatcherStatistics, size_bounds: tuple[int, ...]) -> None:
+        """Add one batcher's snapshot ``stats`` under ``batcher=label``, its batch sizes in the
+        buckets ``size_bounds``."""
         b = [label]
         for outcome in OUTCOMES:
             self.requests.add_metric([label, outcome], getattr(stats, outcome))
@@ -253,7 +266,7 @@ class _Families:
         sizes = stats.batch_size_histogram
         self.size.add_metric(
             b,
-            _size_buckets(sizes, max_batch_size),
+            _size_buckets(sizes, size_bounds),
             float(sum(size * n for size, n in sizes.items())),
         )
         self._histogram(self.queue_wait, b, stats.queue_wait_histogram)

@@ -453,6 +453,7 @@ async def test_the_fake_model_example_of_docs_serving_runs(anyio_backend: Any) -
         (batchio.QueueFullError(4, 1, 4), 503, "3"),
         (batchio.BatcherClosedError("closed"), 503, "3"),
         (batchio.BatcherBrokenError("broken"), 503, None),
+        (batchio.DeviceClosedError("device closed"), 503, None),
         (batchio.RequestTimeoutError(1.0, dispatched=True), 504, None),
         (batchio.BatchStalledError(0.5), 504, None),
         (batchio.BatchSizeMismatchError(2, 1), 500, None),
