@@ -658,9 +658,10 @@ class Batcher(Generic[InT, OutT]):
         interrupted (``KeyboardInterrupt``), the request is cancelled before that propagates.
 
         Raises:
-            BatcherLoopError: called on a thread running an event loop: on the batcher's own
-                loop it would deadlock (``await batcher(item)`` there), on another it would
-                block that loop.
+            BatcherLoopError: called on a thread running an event loop (on the batcher's own
+                loop it would deadlock: ``await batcher(item)`` there; on another it would
+                block that loop), or from the batcher's own batch function (its worker or
+                stage threads), which would wait for a slot its own batch holds.
             BatcherClosedError: the batcher is closed or was never started.
             BatcherBrokenError: the batcher's executor died or its loop was closed.
             Exception: anything :meth:`__call__` raises.
@@ -704,6 +705,14 @@ class Batcher(Generic[InT, OutT]):
             raise BatcherLoopError(
                 f"{self!r}.{method}() was called on a thread running another event loop, which "
                 "it would block; run it in a worker thread (asyncio.to_thread) instead"
+            )
+        threads, pipeline = self._threads, self._pipeline
+        if (threads is not None and threads.owns_current_thread()) or (
+            pipeline is not None and pipeline.owns_current_thread()
+        ):
+            raise BatcherLoopError(
+                f"{self!r}.{method}() was called from its own batch function's thread, which "
+                "would wait for a batch slot its own batch holds"
             )
         open_loop = self._open_loop
         if open_loop is None:

@@ -305,6 +305,17 @@ class Pipeline:
         if self._own_device:
             self._device.close()
 
+    def owns_current_thread(self) -> bool:
+        """True on a thread of one of the stages (the shared device's included)."""
+        for work in self._works.values():
+            try:
+                pool = work.threads
+            except DeviceClosedError:
+                continue
+            if pool.owns_current_thread():
+                return True
+        return False
+
     def statistics(self) -> tuple[tuple[StageStatistics, ...], float, int]:
         """Each stage's statistics, the device thread's busy fraction, abandoned threads."""
         works = self._works.values()
@@ -371,9 +382,13 @@ class Pipeline:
                     return STALLED
             if all(owner.done() for owner in owners):
                 return [_DROPPED] * n  # everyone left while it was assembled: spare the device
-            output = await call(self._works[DEVICE], stages.run, assembled, batch)
+            device_job = functools.partial(_unless_all_gone, stages.run, owners)
+            output = await call(self._works[DEVICE], device_job, assembled, batch)
             if output is STALLED:
                 return STALLED
+            if output is _ALL_GONE:  # everyone left while it waited for the device thread
+                batch.service = -1.0  # it did not run: nothing for the run-time model to learn
+                return [_DROPPED] * n
             finish = functools.partial(_finish, stages.finish, size)
             outcomes = await call(self._works[FINISH], finish, output, batch)
             if outcomes is STALLED:
@@ -392,6 +407,20 @@ class Pipeline:
         if second is STALLED:
             return STALLED
         return [*cast(list[Any], first), *cast(list[Any], second)]
+
+
+_ALL_GONE: Final = object()  # what a device job returns when nobody waits for it any more
+
+
+def _unless_all_gone(
+    run: Callable[[Any], Any], owners: list[asyncio.Future[Any]], assembled: Any
+) -> Any:
+    """The device job: ``run(assembled)``, unless every caller left while it was queued for the
+    device thread (a shared device may have other batchers' jobs ahead of it). Reading a
+    future's state from this thread is safe: it is one attribute, set on the loop."""
+    if all(owner.done() for owner in owners):
+        return _ALL_GONE
+    return run(assembled)
 
 
 def _finish(finish: Callable[[Any], Any] | None, rows: int, output: Any) -> list[Any]:

@@ -169,18 +169,25 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 class _Shared:
     """What the threads share with their owner (not the owner itself, so it can be collected)."""
 
-    __slots__ = ("abandoned", "busy", "count", "jobs", "lock", "running")
+    __slots__ = ("abandoned", "busy", "count", "jobs", "lock", "running", "stopped")
 
     def __init__(self, count: int, jobs: JobQueue) -> None:
         self.jobs = jobs
         self.lock = threading.Lock()
+        self.stopped = False  # told to exit: no thread takes jobs any more
         self.count = count  # threads that take jobs (abandoned ones excluded)
         self.abandoned = 0  # abandoned threads that have not returned yet
         self.busy = 0.0  # seconds spent in jobs that finished, over all threads
         self.running: dict[int, float] = {}  # thread id -> when its current job started
 
 
+# Which pool the current thread works for: a batch function calling its own batcher's
+# call_sync() from there would wait for a batch slot its own job holds.
+_here = threading.local()
+
+
 def _work(shared: _Shared) -> None:
+    _here.shared = shared
     jobs = shared.jobs
     clock = time.perf_counter
     me = threading.get_ident()
@@ -224,6 +231,7 @@ def _work(shared: _Shared) -> None:
 
 
 def _stop(shared: _Shared) -> None:
+    shared.stopped = True
     for _ in range(shared.count):
         shared.jobs.put(None)
 
@@ -249,8 +257,13 @@ class WorkerThreads:
 
     @property
     def workers(self) -> int:
-        """Threads that take jobs (abandoned ones not counted)."""
-        return self._shared.count
+        """Threads that take jobs (abandoned ones not counted; none once shut down)."""
+        shared = self._shared
+        return 0 if shared.stopped else shared.count
+
+    def owns_current_thread(self) -> bool:
+        """True on one of these threads (running one of their jobs)."""
+        return getattr(_here, "shared", None) is self._shared
 
     @property
     def queue_depth(self) -> int:

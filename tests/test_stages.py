@@ -180,6 +180,36 @@ async def test_a_batch_whose_requests_all_left_during_assembly_skips_the_device(
     assert stats.cancelled == 2
 
 
+async def test_a_batch_whose_requests_all_left_while_queued_for_the_device_skips_it() -> None:
+    """Found in review: a batch already handed to the device stage still ran after all its
+    requests were cancelled (device time for nobody). The device job now looks first."""
+    rec = Recorder()
+    device_gate, on_device = rec.hold("device")
+    async with Batcher(rec.stages(), max_batch_size=1, max_wait=0.0) as b:
+        first = asyncio.ensure_future(b(1))
+        await wait_event(on_device)  # batch [1] holds the device thread
+        second = asyncio.ensure_future(b(2))
+        # Batch [2] goes through the prepare and assemble threads, then waits for the device:
+        # a state of other threads, which only a (bounded) look at the statistics shows.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATE_TIMEOUT
+        while b.statistics().stages[2].queue_depth != 1:
+            assert loop.time() < deadline, "batch [2] never reached the device's queue"
+            await asyncio.sleep(0.001)
+        second.cancel()
+        await wait_all_tasks_blocked()
+        device_gate.set()
+        assert await first == 11
+        assert await b(3) == 31  # the batcher carries on
+        stats = b.statistics()
+    assert rec.seen("device") == [[1], [3]]
+    assert stats.cancelled == 1
+    assert stats.scheduler is not None
+    model = stats.scheduler.model
+    assert model is not None
+    assert model.samples == 2  # the skipped job taught the run-time model nothing
+
+
 async def test_a_request_timed_out_before_assembly_never_reaches_the_device() -> None:
     rec = Recorder()
     prepare_gate, preparing = rec.hold("prepare")

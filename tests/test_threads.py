@@ -12,7 +12,7 @@ import contextvars
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -25,6 +25,7 @@ from batchio import (
     BatcherThread,
     BatchRecord,
     RequestTimeoutError,
+    Stages,
 )
 
 from .conftest import GATE_TIMEOUT
@@ -282,3 +283,31 @@ def test_stop_from_the_loops_own_thread_is_refused() -> None:
 
         with pytest.raises(RuntimeError, match="own loop's thread"):
             bt.run(stop_here)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("staged", [False, True])
+async def test_a_batch_function_calling_its_own_batcher_is_refused(staged: bool) -> None:
+    """From the batcher's own worker (or stage) thread, call_sync would wait for a batch slot
+    its own batch holds: refused with BatcherLoopError, which fails that batch alone."""
+    holder: list[Batcher[int, int]] = []
+
+    def recurse(xs: list[int]) -> list[int]:
+        return [holder[0].call_sync(x) for x in xs]
+
+    fn: Stages[int, int] | Callable[[list[int]], list[int]] = (
+        Stages[int, int](run=recurse) if staged else recurse
+    )
+    async with Batcher(fn, max_batch_size=1, max_wait=0.0) as b:
+        holder.append(b)
+        with pytest.raises(BatcherLoopError, match="own batch function"):
+            await b(1)
+        assert b.healthy
+
+
+@pytest.mark.anyio
+async def test_a_stopped_batcher_reports_no_workers() -> None:
+    async with Batcher(Stages[int, int](run=double), max_wait=0.0) as b:
+        assert await b(1) == 2
+        assert all(st.workers >= 1 for st in b.statistics().stages)
+    assert all(st.workers == 0 for st in b.statistics().stages)
