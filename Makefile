@@ -1,6 +1,6 @@
 # The two commands a newcomer needs (see README):
 #   make demo   - the real-model demo (all-MiniLM-L6-v2 shipped by a package, no network)
-#   make test   - lint, type-check and the whole test suite, under asyncio and uvloop
+#   make test   - lint, type-check, the strict docs build and the whole test suite (asyncio, uvloop)
 # Each sets up .venv from nothing the first time (and again when pyproject.toml changes).
 
 PYTHON ?= python3
