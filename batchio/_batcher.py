@@ -80,6 +80,15 @@ _FOR_ARRIVAL: Final = Wait(deadline=None, wake_at_rows=1)
 _FIXED_OPTIONS: Final = frozenset({"max_concurrent_batches", "when_full", "name", "batch_cost"})
 
 
+def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    """A uvloop loop whose clock is uvloop's own (uvloop is not imported: it is optional)."""
+    cls = type(loop)
+    for base in cls.__mro__:
+        if base.__module__ == "uvloop" and base.__name__ == "Loop":
+            return getattr(cls, "time", None) is getattr(base, "time", None)
+    return False
+
+
 def _consume(task: asyncio.Future[Any]) -> None:
     """Mark an abandoned task's outcome as retrieved, so asyncio does not log it."""
     if not task.cancelled():
@@ -245,10 +254,14 @@ class Batcher(Generic[InT, OutT]):
             raise RuntimeError(f"{self!r} cannot be started twice")
         self._loop = self._open_loop = loop = asyncio.get_running_loop()
         # asyncio's own loops define time() as time.monotonic(): calling that C function directly
-        # reads the same clock without a Python frame per request. Any other clock (uvloop's, or
-        # a test's fake one patched onto the loop) is followed as it is.
+        # reads the same clock without a Python frame per request. uvloop's time() is libuv's
+        # view of the same monotonic clock, in whole milliseconds and cached per loop iteration:
+        # read directly, the clock gives the statistics, records and spans microseconds instead
+        # (its timers may then fire a fraction of a millisecond either side of a deadline; the
+        # executor looks at the clock again when woken). Any other clock (a test's fake one
+        # patched onto the loop, another loop's) is followed as it is.
         own_clock = getattr(loop.time, "__func__", None) is asyncio.BaseEventLoop.time
-        self._clock = time.monotonic if own_clock else loop.time
+        self._clock = time.monotonic if own_clock or _is_uvloop(loop) else loop.time
         if self._stages is not None:
             self._pipeline = Pipeline(self._stages, self._name, self._outcomes, self._padded_size)
         elif not self._is_async:
