@@ -10,6 +10,7 @@ import os
 # Set before transformers is first imported in the session: no hub lookups, ever.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ transformers = pytest.importorskip("transformers")
 import torch
 
 from batchio.integrations.torch import StagedForward
+
+from ._otel import Otel
 
 WORDS = [
     "the",
@@ -150,3 +153,12 @@ def in_sequence(fwd: StagedForward, rows: list[Any]) -> list[Any]:
     for i, out in zip(live, done, strict=True):
         results[i] = out
     return results
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    """An OpenTelemetry SDK tracer and meter provider, in memory (see ``_otel.Otel``)."""
+    o = Otel()
+    yield o
+    o.tracer_provider.shutdown()
+    o.meter_provider.shutdown()

@@ -13,7 +13,6 @@ import gc
 import inspect
 import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,8 @@ from fastapi.routing import APIRoute
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
-    InMemoryMetricReader,
     NumberDataPoint,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -41,6 +36,7 @@ from batchio.integrations.prometheus import register
 from examples.fastapi_app import Settings
 
 from ..conftest import wait_event
+from ._otel import Otel
 from .test_http_server import (
     ShutdownProbe,
     client,
@@ -64,47 +60,17 @@ def unique(prefix: str) -> str:
 # --- helpers ------------------------------------------------------------------------------
 
 
-class Otel:
-    """An SDK tracer provider (in-memory exporter) and meter provider (in-memory reader)."""
-
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.tracer = self.tracer_provider.get_tracer("review")
-
-    def instrument(self, batcher: Batcher[Any, Any], **kwargs: Any) -> Any:
-        return instrument(
-            batcher,
-            tracer_provider=self.tracer_provider,
-            meter_provider=self.meter_provider,
-            **kwargs,
-        )
-
-    def points(self) -> dict[tuple[str, frozenset[tuple[str, Any]]], Any]:
-        """Every data point of one collection, by (instrument name, attributes)."""
-        data = self.reader.get_metrics_data()
-        assert data is not None
-        return {
-            (m.name, frozenset((p.attributes or {}).items())): p
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-            for p in m.data.data_points
-        }
-
-    def finished(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    o = Otel()
-    yield o
-    o.tracer_provider.shutdown()
-    o.meter_provider.shutdown()
+def points(otel: Otel) -> dict[tuple[str, frozenset[tuple[str, Any]]], Any]:
+    """Every data point of one collection, by (instrument name, attributes)."""
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    return {
+        (m.name, frozenset((p.attributes or {}).items())): p
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.data.data_points
+    }
 
 
 def bucket_les(registry: CollectorRegistry, batcher: str) -> list[str]:
@@ -237,7 +203,7 @@ async def test_otel_a_freed_label_given_to_another_batcher_corrupts_its_series(
     async with a:
         handle = otel.instrument(a, tracing=False)
         await a.map(range(6))  # 3 batches
-        before = otel.points()
+        before = points(otel)
     if how == "uninstrument":
         handle.uninstrument()
     else:
@@ -246,7 +212,7 @@ async def test_otel_a_freed_label_given_to_another_batcher_corrupts_its_series(
     async with Batcher(lambda xs: xs, max_batch_size=2, max_wait=0.0, name=name) as b:
         label = otel.instrument(b, tracing=False).label
         await b(1)  # 1 batch
-        after = otel.points()
+        after = points(otel)
     key = frozenset({("batcher", label)})
     assert _monotonic_violations(before, after) == []
     assert after["batchio.batch_size", key].count == after["batchio.batches", key].value
