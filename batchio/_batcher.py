@@ -54,7 +54,7 @@ from ._options import (
 from ._outcomes import Outcomes
 from ._outputs import output_rows
 from ._policy import Dispatch, LatencyTarget, MaxSizeOrWait, QueueState, Wait
-from ._request import FUT, QUEUED, Batch, Entry, Request
+from ._request import FUT, QUEUED, Batch, Entry, Request, entry_future
 from ._room import WaitingRoom
 from ._stages import DEVICE, STALLED, Pipeline, Stages, StageWork
 from ._stats import BATCHES as BATCHES_COUNT
@@ -542,7 +542,7 @@ class Batcher(Generic[InT, OutT]):
             self._room.put_fast(entry)
         else:
             entry = self._enqueue(item, timeout, priority)
-            fut = entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
+            fut = entry_future(entry)
         try:
             result: OutT = await fut
         except asyncio.CancelledError:
@@ -576,7 +576,7 @@ class Batcher(Generic[InT, OutT]):
             self._room.put_fast([fut, item, self._clock(), QUEUED])
             return fut
         entry = self._enqueue(item, timeout, priority)
-        return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
+        return entry_future(entry)
 
     def _enqueue(self, item: Any, timeout: TimeoutArg, priority: int) -> Entry:
         # Every call that is not the inlined common case: refusals, deadlines, per-call timeouts,

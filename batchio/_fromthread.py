@@ -14,15 +14,11 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from ._request import FUT, Entry, Request
+from ._request import Entry, entry_future
 
 __all__: list[str] = []
 
 _CLOSED_CHECK = 0.25  # seconds between looks at whether the loop was closed under a waiter
-
-
-def entry_future(entry: Entry) -> asyncio.Future[Any]:
-    return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]
 
 
 def call_from_thread(

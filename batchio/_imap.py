@@ -14,8 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from typing import Any
 
 from ._exceptions import BatcherBrokenError, BatcherClosedError, BatcherLoopError
-from ._fromthread import entry_future
-from ._request import Entry
+from ._request import Entry, entry_future
 
 __all__: list[str] = []
 

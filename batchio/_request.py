@@ -207,3 +207,8 @@ class Batch:
         self.counts.append(n)
         self.offsets.append(offset)
         return n
+
+
+def entry_future(entry: Entry) -> asyncio.Future[Any]:
+    """The future the caller of ``entry`` (either kind) awaits."""
+    return entry.future if type(entry) is Request else entry[FUT]  # type: ignore[index]

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import contextvars
 import gc
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,7 +23,6 @@ from batchio import (
     BatcherBrokenError,
     BatcherClosedError,
     BatcherThread,
-    BatchRecord,
     Dispatch,
     MaxSizeOrWait,
     QueueState,
@@ -35,55 +32,14 @@ from batchio import (
 from batchio.testing import GatedBatchFn, wait_all_tasks_blocked
 
 from .conftest import GATE_TIMEOUT
+from .test_observers import CALLER, Recorder, double
+from .test_threads import Gate, until
 
-CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("review_caller", default="none")
 HANG = 5.0  # how long a join may take before the call counts as hung (a fixed bound, not a sleep)
-
-
-def double(xs: list[int]) -> list[int]:
-    return [2 * x for x in xs]
 
 
 def all_fail(xs: list[int]) -> list[int | Exception]:
     return [ValueError(f"bad {x}") for x in xs]
-
-
-class Gate:
-    """A sync batch function that records its batches and blocks on a gate."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def __call__(self, xs: list[int]) -> list[int]:
-        self.batches.append(list(xs))
-        self.entered.set()
-        if not self.gate.wait(GATE_TIMEOUT):
-            raise TimeoutError("gate stayed closed")
-        return [10 * x for x in xs]
-
-
-class Recorder:
-    """An observer that captures the caller's context variable and keeps every record."""
-
-    def __init__(self) -> None:
-        self.records: list[BatchRecord] = []
-
-    def capture(self) -> object:
-        return CALLER.get()
-
-    def batch_done(self, record: BatchRecord) -> None:
-        self.records.append(record)
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    """A bounded poll, only for states of another thread that no event announces."""
-    deadline = time.monotonic() + GATE_TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"never: {what}")
-        time.sleep(0.001)
 
 
 def identity_holds(b: Batcher[Any, Any]) -> bool:

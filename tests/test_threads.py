@@ -55,11 +55,11 @@ class Gate:
         return [10 * x for x in xs]
 
 
-def until(condition: object, what: str) -> None:
+def until(condition: Callable[[], bool], what: str) -> None:
     """Wait (bounded) for a condition another thread makes true: only for cross-thread states
     no event announces (a request sitting in the queue)."""
     deadline = time.monotonic() + GATE_TIMEOUT
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"never: {what}")
         time.sleep(0.001)

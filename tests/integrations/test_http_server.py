@@ -34,6 +34,7 @@ import batchio
 from examples.fastapi_app import Settings, create_app, error_response
 
 from ..conftest import GATE_TIMEOUT, wait_event
+from ..test_batcher import ExplodingPolicy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -350,21 +351,6 @@ async def test_closed_batcher_answers_503_and_health_says_so(anyio_backend: Any)
     assert response.headers["retry-after"] == "1"
     assert health.status_code == 503
     assert fake.seen == []
-
-
-class ExplodingPolicy:
-    """A batching policy that fails on its second decision, killing the batcher's executor."""
-
-    max_batch_size = 4
-
-    def __init__(self) -> None:
-        self.decisions = 0
-
-    def decide(self, state: batchio.QueueState) -> batchio.Dispatch | batchio.Wait:
-        self.decisions += 1
-        if self.decisions > 1:
-            raise RuntimeError("policy bug")
-        return batchio.Wait(deadline=None, wake_at_rows=1)
 
 
 async def test_broken_batcher_answers_503_and_health_says_so(anyio_backend: Any) -> None:
